@@ -1,0 +1,1 @@
+"""charlm: train, watch and sample character-level language models with PyTorch Lightning."""

@@ -1,0 +1,84 @@
+"""The LightningModule: loss, logging, the optimizer and the learning-rate schedule around an injected net."""
+
+import math
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from charlm.models import IGNORE_INDEX, CharModel
+
+
+class CharLM(L.LightningModule):
+    """Trains a character-level language model.
+
+    Args:
+        net: the model, a `charlm.models.Bigram` or `charlm.models.GPT`.
+        lr: peak learning rate, reached after the warmup.
+        min_lr: the learning rate at the end of the cosine decay.
+        warmup_steps: optimizer steps of linear warmup from 0 to lr.
+        weight_decay: AdamW weight decay, applied to matrices only (not to biases or norms).
+        beta2: AdamW's second-moment decay; 0.99 suits small batches of few tokens (nanoGPT's choice).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        lr: float = 1e-3,
+        min_lr: float = 1e-4,
+        warmup_steps: int = 100,
+        weight_decay: float = 0.1,
+        beta2: float = 0.99,
+    ):
+        super().__init__()
+        if not isinstance(net, CharModel):
+            raise ValueError(f"--model.net {type(net).__name__} is not a charlm model: use charlm.models.GPT or Bigram")
+        if lr <= 0 or min_lr < 0 or min_lr > lr:
+            raise ValueError(f"lr={lr}, min_lr={min_lr}: need 0 <= min_lr <= lr and lr > 0")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
+        self.net = net
+        # plain values only (the net as class path and arguments), so checkpoints load with weights_only=True
+        self.save_hyperparameters(ignore=["net"])
+        self.hparams["net"] = {"class_path": f"{type(net).__module__}.{type(net).__name__}", "init_args": net.config}
+        self.val_loss = MeanMetric()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        _, loss = self.net(x, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        _, loss = self.net(x, y)
+        # weight each batch's mean loss by its real (unpadded) targets: the result is the exact per-token mean
+        self.val_loss.update(loss, weight=(y != IGNORE_INDEX).sum())
+
+    def on_validation_epoch_end(self):
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/bpc", loss / math.log(2))
+
+    def configure_optimizers(self):
+        decay = [p for p in self.net.parameters() if p.dim() >= 2]  # matrices and embeddings
+        no_decay = [p for p in self.net.parameters() if p.dim() < 2]  # biases and norm gains
+        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=(0.9, self.hparams.beta2))
+        if self.trainer.max_steps < 1:
+            raise ValueError(f"--trainer.max_steps {self.trainer.max_steps}: training is step-based, set it to >= 1")
+        warmup, total = self.hparams.warmup_steps, self.trainer.max_steps
+        floor = self.hparams.min_lr / self.hparams.lr
+
+        def lr_factor(step: int) -> float:
+            # linear warmup to lr, then cosine decay to min_lr at max_steps
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

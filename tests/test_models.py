@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from charlm.models import GPT, Bigram
+
+
+def tiny_gpt(**overrides) -> GPT:
+    config = dict(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    return GPT(**(config | overrides))
+
+
+def test_gpt_is_causal():
+    torch.manual_seed(0)
+    model = tiny_gpt().eval()
+    idx = torch.randint(20, (2, 16))
+    changed = idx.clone()
+    changed[:, 9] = (idx[:, 9] + 1) % 20
+    logits, _ = model(idx)
+    logits_changed, _ = model(changed)
+    assert torch.equal(logits[:, :9], logits_changed[:, :9])
+    assert not torch.allclose(logits[:, 9:], logits_changed[:, 9:])
+
+
+def test_lm_head_is_tied_to_token_embedding():
+    model = tiny_gpt()
+    assert model.lm_head.weight is model.wte.weight
+
+
+@pytest.mark.parametrize("make_model", [lambda: Bigram(vocab_size=20), lambda: tiny_gpt()])
+def test_models_overfit_a_tiny_sequence(make_model):
+    torch.manual_seed(0)
+    model = make_model()
+    # a permutation of the vocabulary: each token fully determines the next, so even a bigram can learn it
+    seq = torch.randperm(20).repeat(2)[None, :17]
+    x, y = seq[:, :-1], seq[:, 1:]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2 if isinstance(model, GPT) else 1.0, weight_decay=0.0)
+    for _ in range(200):
+        _, loss = model(x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05
+    out = model.eval().generate(seq[:, :1], max_new_tokens=15, temperature=0)
+    assert torch.equal(out, seq[:, :16])
+
+
+def test_generate_keeps_going_past_block_size_and_is_seeded():
+    model = tiny_gpt().eval()
+    start = torch.zeros(1, 1, dtype=torch.long)
+
+    def sample():
+        return model.generate(start, 40, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(3))
+
+    first = sample()
+    assert first.shape == (1, 41)
+    assert torch.equal(first, sample())
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(n_embd=30, n_head=4), "not divisible by n_head"),
+        (dict(dropout=1.0), "outside \\[0, 1\\)"),
+        (dict(block_size=0), "block_size=0"),
+        (dict(n_layer=-1), "n_layer=-1"),
+    ],
+)
+def test_gpt_rejects_bad_hyperparameters(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_gpt(**overrides)
