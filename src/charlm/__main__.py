@@ -39,23 +39,23 @@ class CharLMCLI(LightningCLI):
         parser.link_arguments("data.block_size", "model.net.init_args.block_size")
 
     def before_fit(self) -> None:
-        self._check_last_checkpoint()
+        self._check_ckpt_path()
 
     def before_validate(self) -> None:
-        self._check_last_checkpoint()
+        self._check_ckpt_path()
 
     def before_test(self) -> None:
-        self._check_last_checkpoint()
+        self._check_ckpt_path()
 
-    def _check_last_checkpoint(self) -> None:
+    def _check_ckpt_path(self) -> None:
         """`--ckpt_path last` with nothing to resume is an error, never Lightning's silent fresh start."""
-        if self.config_init[self.subcommand].get("ckpt_path") != "last":
-            return
-        folder = Path(self.trainer.checkpoint_callback.dirpath)
-        if not list(folder.glob("last*.ckpt")):
-            raise FileNotFoundError(
-                f"--ckpt_path last: no last.ckpt in {folder}/: train first, or pass --ckpt_path FILE"
-            )
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt_path == "last":
+            folder = Path(self.trainer.checkpoint_callback.dirpath)
+            if not list(folder.glob("last*.ckpt")):
+                raise FileNotFoundError(f"--ckpt_path last: no last.ckpt in {folder}/: train first, or pass a file")
+        elif ckpt_path not in (None, "best") and not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"--ckpt_path {ckpt_path} is not a file: pass a .ckpt file, or last")
 
 
 def trainer_defaults() -> dict:
