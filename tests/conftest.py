@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# CI and the build machines keep the corpus beside the checkout; a newcomer has the copy `python -m charlm fit` downloaded
+# CI keeps the corpus beside the checkout; a newcomer has the copy that `python -m charlm fit` downloaded
 CORPUS_CANDIDATES = [ROOT.parent / "shared/data/tinyshakespeare/input.txt", ROOT / "data/tinyshakespeare/input.txt"]
 
 

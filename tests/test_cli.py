@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 import yaml
+from conftest import ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from charlm.__main__ import main
-from conftest import ROOT
 
 
 def tiny(corpus, max_steps=4) -> list[str]:
@@ -31,9 +31,7 @@ def tiny(corpus, max_steps=4) -> list[str]:
 
 
 def charlm(*args, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "charlm", *args], cwd=cwd, capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, "-m", "charlm", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def scalars(log_dir) -> dict[str, list[tuple[int, float]]]:

@@ -31,7 +31,7 @@ def test_train_batches_are_windows_with_targets_shifted_by_one(corpus):
     assert x.shape == y.shape == (5, 16)
     assert torch.equal(x[:, 1:], y[:, :-1])
     text = corpus.read_text()
-    for row_x, row_y in zip(x, y):
+    for row_x, row_y in zip(x, y, strict=True):
         window = dm.tokenizer.decode(row_x.tolist()) + dm.tokenizer.decode(row_y[-1:].tolist())
         assert window in text
 
@@ -99,7 +99,12 @@ def test_download_failure_says_to_pass_a_local_file(http_server, tmp_path):
 
 @pytest.mark.parametrize(
     "content, message",
-    [(None, "does not exist"), ("dir", "is a directory"), (b"", "is empty"), (b"ab\xffcd", "not UTF-8 \\(byte offset 2\\)")],
+    [
+        (None, "does not exist"),
+        ("dir", "is a directory"),
+        (b"", "is empty"),
+        (b"ab\xffcd", "not UTF-8 \\(byte offset 2\\)"),
+    ],
 )
 def test_bad_data_paths_are_refused_with_the_reason(tmp_path, content, message):
     path = tmp_path / "text.txt"

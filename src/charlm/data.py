@@ -157,6 +157,10 @@ class CharDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return DataLoader(validation_windows(self.val_data, self.block_size), batch_size=self.batch_size)
 
+    def test_dataloader(self) -> DataLoader:
+        # the 90/10 convention keeps no third split: `test` reports the validation split as test/loss
+        return self.val_dataloader()
+
     def state_dict(self) -> dict:
         # the vocabulary travels in every checkpoint, so a checkpoint alone is enough to generate text
         return {"chars": self.tokenizer.chars}

@@ -25,8 +25,8 @@ class CharLM(L.LightningModule):
     def __init__(
         self,
         net: nn.Module,
-        lr: float = 1e-3,
-        min_lr: float = 1e-4,
+        lr: float = 2e-3,
+        min_lr: float = 2e-4,
         warmup_steps: int = 100,
         weight_decay: float = 0.1,
         beta2: float = 0.99,
@@ -42,7 +42,7 @@ class CharLM(L.LightningModule):
         # plain values only (the net as class path and arguments), so checkpoints load with weights_only=True
         self.save_hyperparameters(ignore=["net"])
         self.hparams["net"] = {"class_path": f"{type(net).__module__}.{type(net).__name__}", "init_args": net.config}
-        self.val_loss = MeanMetric()
+        self.eval_loss = MeanMetric()
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -52,24 +52,39 @@ class CharLM(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self):
+        self._log_eval("val")
+
+    def on_test_epoch_end(self):
+        self._log_eval("test")
+
+    def _eval_step(self, batch) -> None:
         x, y = batch
         _, loss = self.net(x, y)
         # weight each batch's mean loss by its real (unpadded) targets: the result is the exact per-token mean
-        self.val_loss.update(loss, weight=(y != IGNORE_INDEX).sum())
+        self.eval_loss.update(loss, weight=(y != IGNORE_INDEX).sum())
 
-    def on_validation_epoch_end(self):
-        loss = self.val_loss.compute()
-        self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/bpc", loss / math.log(2))
+    def _log_eval(self, split: str) -> None:
+        loss = self.eval_loss.compute()
+        self.eval_loss.reset()
+        self.log(f"{split}/loss", loss, prog_bar=True)
+        self.log(f"{split}/bpc", loss / math.log(2))
 
     def configure_optimizers(self):
-        decay = [p for p in self.net.parameters() if p.dim() >= 2]  # matrices and embeddings
-        no_decay = [p for p in self.net.parameters() if p.dim() < 2]  # biases and norm gains
-        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=(0.9, self.hparams.beta2))
         if self.trainer.max_steps < 1:
             raise ValueError(f"--trainer.max_steps {self.trainer.max_steps}: training is step-based, set it to >= 1")
+        decay = [p for p in self.net.parameters() if p.dim() >= 2]  # matrices and embeddings
+        no_decay = [p for p in self.net.parameters() if p.dim() < 2]  # biases and norm gains
+        groups = [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=(0.9, self.hparams.beta2))
         warmup, total = self.hparams.warmup_steps, self.trainer.max_steps
         floor = self.hparams.min_lr / self.hparams.lr
 
