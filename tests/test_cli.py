@@ -159,3 +159,105 @@ def test_every_config_parses(capsys, name):
     config = resolved_config(capsys, "--config", str(ROOT / f"configs/{name}.yaml"))
     assert config["checkpoint"]["dirpath"] == f"checkpoints/{name}"
     assert config["trainer"]["logger"]["init_args"]["name"] == name
+
+
+def test_generate_streams_text_from_the_last_checkpoint_to_stdout_only(trained):
+    cwd, *_ = trained
+    args = ["generate", "--ckpt_path", "last", "--prompt", "ROMEO:", "--max_new_tokens", "50"]
+    result = charlm(*args, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ROMEO:") and len(result.stdout) == len("ROMEO:") + 50 + 1
+    assert "checkpoints/gpt-cpu/last.ckpt" in result.stderr  # diagnostics go to stderr
+    assert charlm(*args, cwd=cwd).stdout == result.stdout  # same seed, same text
+
+
+def test_generate_separates_samples_and_honours_the_seed(trained, capsys, monkeypatch):
+    cwd, *_ = trained
+    monkeypatch.chdir(cwd)
+    args = ["generate", "--ckpt_path", "checkpoints/gpt-cpu", "--max_new_tokens", "20", "--num_samples", "2"]
+    main([*args, "--seed", "1"])
+    first = capsys.readouterr().out
+    assert first.startswith("===== sample 1 of 2 =====\n\n") and "\n===== sample 2 of 2 =====\n\n" in first
+    main([*args, "--seed", "2"])
+    assert capsys.readouterr().out != first
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--ckpt_path", "nowhere.ckpt"], "--ckpt_path nowhere.ckpt does not exist"),
+        (["--ckpt_path", "logs"], "no last*.ckpt in"),
+        (["--ckpt_path", "logs/gpt-cpu/version_0/config.yaml"], "is not a valid checkpoint"),
+        (["--ckpt_path", "truncated.ckpt"], "truncated.ckpt is not a valid checkpoint"),
+        (["--ckpt_path", "last", "--prompt", "Zoë & {x}"], "['{', '}', 'ë'] that are not among the model's 65"),
+    ],
+)
+def test_generate_bad_input_is_one_line_error(trained, tmp_path, monkeypatch, flags, message):
+    cwd, *_ = trained
+    monkeypatch.chdir(cwd)
+    data = (cwd / "checkpoints/gpt-cpu/last.ckpt").read_bytes()
+    (cwd / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", *flags])
+    assert message in str(exit_info.value.code) and "\n" not in str(exit_info.value.code)
+
+
+def test_generate_can_skip_unknown_prompt_characters(trained, capsys, monkeypatch):
+    cwd, *_ = trained
+    monkeypatch.chdir(cwd)
+    main(["generate", "--ckpt_path", "last", "--prompt", "Zoë", "--unknown", "skip", "--max_new_tokens", "5"])
+    assert capsys.readouterr().out.startswith("Zo")
+
+
+def test_generate_last_without_runs_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--ckpt_path", "last"])
+    assert (
+        str(exit_info.value.code)
+        == f"charlm: error: --ckpt_path last: no */last*.ckpt in {tmp_path}/checkpoints/: train first"
+    )
+
+
+@pytest.mark.parametrize(
+    "flag, value, allowed",
+    [
+        ("--temperature", "-0.1", "[0, inf]"),
+        ("--top_k", "0", "[1, inf]"),
+        ("--top_p", "0", "(0, 1]"),
+        ("--top_p", "1.5", "(0, 1]"),
+        ("--max_new_tokens", "-1", "[0, inf]"),
+        ("--num_samples", "0", "[1, inf]"),
+    ],
+)
+def test_generate_rejects_out_of_range_arguments_at_parse_time(capsys, flag, value, allowed):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--ckpt_path", "does-not-matter.ckpt", flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: " in err and f"is outside the allowed range {allowed}" in err
+
+
+def test_a_checkpoint_whose_pickle_would_run_code_is_refused_and_the_code_does_not_run(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"state_dict": Exploit()}, tmp_path / "evil.ckpt")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--ckpt_path", "evil.ckpt"])
+    assert "evil.ckpt is not a valid checkpoint" in str(exit_info.value.code)
+    assert not marker.exists()
+
+
+def test_generate_from_a_bigram_checkpoint(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    steps = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false"]
+    main(["fit", "--config", str(ROOT / "configs/bigram.yaml"), "--data.path", str(corpus), *steps])
+    capsys.readouterr()
+    main(["generate", "--ckpt_path", "checkpoints/bigram/last.ckpt", "--prompt", "KING", "--max_new_tokens", "30"])
+    out = capsys.readouterr().out
+    assert out.startswith("KING") and len(out) == 4 + 30 + 1

@@ -1,9 +1,12 @@
-"""`python -m charlm fit|validate|test`: Lightning's own LightningCLI over CharLM and CharDataModule.
+"""`python -m charlm fit|validate|test|generate`.
 
-The flags are the `__init__` signatures: `--model.*` (CharLM, with the net under `--model.net`), `--data.*`
-(CharDataModule), `--trainer.*`, `--checkpoint.*` (ModelCheckpoint) and `--generation.*` (GenerationCallback).
+fit, validate and test are Lightning's own LightningCLI over CharLM and CharDataModule: the flags are the
+`__init__` signatures, `--model.*` (CharLM, with the net under `--model.net`), `--data.*` (CharDataModule),
+`--trainer.*`, `--checkpoint.*` (ModelCheckpoint) and `--generation.*` (GenerationCallback).
+generate needs neither a trainer nor data, only a checkpoint, so it has its own small parser.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -14,6 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from charlm.callbacks import GenerationCallback
 from charlm.data import CharDataModule
 from charlm.module import CharLM
+from charlm.sampling import generate, load_net
 
 
 class CharLMCLI(LightningCLI):
@@ -77,8 +81,103 @@ def trainer_defaults() -> dict:
     }
 
 
+def bounded(kind: type, low: float, high: float | None = None, low_open: bool = False):
+    """An argparse type that accepts `kind` values in [low, high] ((low, high] with low_open) and names the range."""
+    allowed = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}]"
+
+    def parse(text: str):
+        value = kind(text)
+        if value < low or (low_open and value == low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is outside the allowed range {allowed}")
+        return value
+
+    return parse
+
+
+def generate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="charlm generate", description="Stream text from a trained checkpoint (the checkpoint is all it needs)."
+    )
+    parser.add_argument(
+        "--ckpt_path",
+        required=True,
+        help="a .ckpt file, a folder of checkpoints, or last / best: the newest run under checkpoints/",
+    )
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="", help="text to continue (default: a newline)")
+    prompt.add_argument("--prompt_file", type=Path, help="read the prompt from this UTF-8 file")
+    parser.add_argument("--max_new_tokens", type=bounded(int, 0), default=500, help="characters to generate")
+    parser.add_argument("--temperature", type=bounded(float, 0), default=0.8, help="0 is greedy (argmax)")
+    parser.add_argument("--top_k", type=bounded(int, 1), help="sample among the k most likely characters")
+    parser.add_argument("--top_p", type=bounded(float, 0, 1, low_open=True), help="nucleus: smallest set reaching p")
+    parser.add_argument("--num_samples", type=bounded(int, 1), default=1, help="independent samples, one after another")
+    parser.add_argument("--seed", type=int, default=1337, help="same seed, checkpoint, arguments and device: same text")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument(
+        "--unknown", choices=["error", "skip"], default="error", help="prompt characters the model never saw"
+    )
+    return parser
+
+
+def find_checkpoint(ckpt_path: str) -> Path:
+    """Resolve --ckpt_path: a file, a folder (its newest last*.ckpt), or last / best under ./checkpoints/."""
+    if ckpt_path in ("last", "best"):
+        folder, pattern = Path("checkpoints"), "*/last*.ckpt"
+    else:
+        folder, pattern = Path(ckpt_path), "last*.ckpt"
+        if folder.is_file():
+            return folder
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--ckpt_path {ckpt_path} does not exist: pass a .ckpt file, a folder, or last")
+    candidates = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no {pattern} in {folder.resolve()}/: train first")
+    last = candidates[-1]
+    if ckpt_path != "best":
+        return last
+    states = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
+    best = [s["best_model_path"] for k, s in states.items() if k.startswith("ModelCheckpoint")]
+    if not best or not Path(best[0]).is_file():
+        raise FileNotFoundError(f"--ckpt_path best: {last} names no best checkpoint that exists: pass a file")
+    return Path(best[0])
+
+
+def generate_command(argv: list[str]) -> None:
+    args = generate_parser().parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is available here: use --device cpu or auto")
+    ckpt_path = find_checkpoint(args.ckpt_path)
+    net, tokenizer = load_net(ckpt_path, device)
+    prompt = args.prompt_file.read_text(encoding="utf-8") if args.prompt_file else args.prompt
+    prompt = prompt or "\n"  # an empty prompt starts from a newline, like a new speech
+    unknown = sorted(set(prompt) - set(tokenizer.chars))
+    if unknown and args.unknown == "error":
+        raise ValueError(
+            f"the prompt has characters {unknown!r} that are not among the model's {tokenizer.vocab_size}: "
+            "change the prompt, or pass --unknown skip to drop them"
+        )
+    prompt = "".join(c for c in prompt if c in tokenizer.stoi)
+    print(f"charlm: sampling from {ckpt_path} on {device}", file=sys.stderr)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    idx = torch.tensor([tokenizer.encode(prompt)], device=device)
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            sys.stdout.write(f"===== sample {i + 1} of {args.num_samples} =====\n")
+        sys.stdout.write(prompt)
+        tokens = generate(net, idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator)
+        for next_id in tokens:
+            sys.stdout.write(tokenizer.chars[next_id.item()])
+            sys.stdout.flush()  # stream: each character appears as soon as it exists
+        sys.stdout.write("\n")
+
+
 def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else args
     try:
+        if argv[:1] == ["generate"]:
+            generate_command(argv[1:])
+            return
         CharLMCLI(
             CharLM,
             CharDataModule,

@@ -4,6 +4,8 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from charlm.sampling import generate
+
 
 class GenerationCallback(L.Callback):
     """After each validation, sample text from a fixed prompt with a fixed seed, print it and log it to TensorBoard.
@@ -50,9 +52,9 @@ class GenerationCallback(L.Callback):
         was_training = net.training
         net.eval()
         with trainer.precision_plugin.forward_context():
-            out = net.generate(idx, self.max_new_tokens, self.temperature, self.top_k, generator=generator)
+            tokens = generate(net, idx, self.max_new_tokens, self.temperature, self.top_k, generator=generator)
+            text = self.prompt + tokenizer.decode(torch.cat(list(tokens), dim=1)[0].tolist())
         net.train(was_training)
-        text = tokenizer.decode(out[0].tolist())
         print(f"\n--- sample at step {trainer.global_step} ---\n{text}\n---", flush=True)
         if isinstance(trainer.logger, TensorBoardLogger):
             # TensorBoard renders text as markdown: indenting by four spaces keeps the line breaks

@@ -1,10 +1,11 @@
 """Character-level language models as plain nn.Modules: a bigram table and a GPT.
 
-Both share one interface: `forward(idx, targets=None) -> (logits, loss)` and `generate(...)`.
+Both share one interface, `forward(idx, targets=None) -> (logits, loss)`; `charlm.sampling` generates from either.
 Notable features of the GPT, following nanoGPT:
 - pre-LayerNorm residual blocks, causal attention through `F.scaled_dot_product_attention` (flash kernels on a GPU);
 - the LM head shares its weight with the token embedding (fewer parameters, better small-data loss);
-- residual projections start smaller by 1/sqrt(2 * n_layer), per GPT-2, so the residual stream does not grow with depth.
+- residual projections start smaller by 1/sqrt(2 * n_layer), per GPT-2, so the residual stream does not grow with depth;
+- an opt-in key/value cache for generation (`set_kv_cache` / `clear_kv_cache`).
 Nothing here knows about Lightning, files or the command line.
 """
 
@@ -18,45 +19,25 @@ IGNORE_INDEX = -1  # targets with this value (padding of the last validation win
 
 
 class CharModel(nn.Module):
-    """The loss and sampling that the bigram and the GPT share; subclasses implement `logits(idx)`."""
+    """The loss that the bigram and the GPT share; subclasses implement `logits(idx, pos)`."""
 
     block_size: int  # the longest context the model can use
     config: dict  # the constructor arguments, so a checkpoint can rebuild the model
 
-    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+    def logits(self, idx: torch.Tensor, pos: int = 0) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        logits = self.logits(idx)  # (B, T, vocab_size)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, pos: int = 0):
+        """Logits (B, T, vocab_size) for idx (B, T) and, given targets, the mean cross-entropy.
+
+        `pos` is the position of idx[:, 0] in the sequence, used with the GPT's KV cache during generation.
+        """
+        logits = self.logits(idx, pos)
         if targets is None:
             return logits, None
         # float32 cross-entropy: under bf16 autocast the logits are bf16, and the loss is what we report
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         return logits, loss
-
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Extend `idx` (B, T) by `max_new_tokens` sampled tokens; temperature 0 picks the most likely token."""
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.block_size :])
-            logits = logits[:, -1, :]  # (B, vocab_size)
-            if temperature == 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                next_id = torch.multinomial(F.softmax(logits.float(), dim=-1), 1, generator=generator)
-            idx = torch.cat((idx, next_id), dim=1)
-        return idx
 
 
 class Bigram(CharModel):
@@ -74,7 +55,7 @@ class Bigram(CharModel):
         self.config = {"vocab_size": vocab_size}
         self.table = nn.Embedding(vocab_size, vocab_size)
 
-    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+    def logits(self, idx: torch.Tensor, pos: int = 0) -> torch.Tensor:
         return self.table(idx)
 
 
@@ -86,15 +67,26 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # query, key, value for all heads at once
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
+        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # set by GPT.set_kv_cache
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: int = 0) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if self.kv_cache is not None:  # x holds positions pos .. pos+T-1: store them, attend to all so far
+            k_cache, v_cache = self.kv_cache
+            k_cache[:B, :, pos : pos + T] = k
+            v_cache[:B, :, pos : pos + T] = v
+            k, v = k_cache[:B, :, : pos + T], v_cache[:B, :, : pos + T]  # (B, nh, S, hs)
+        S = k.size(2)
+        # query i sits at position S - T + i and sees keys 0 .. S - T + i; a single query sees every key
+        mask = None if T in (1, S) else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=T == S and T > 1
+        )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -119,8 +111,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, dropout, bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, pos: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), pos)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -183,15 +175,28 @@ class GPT(CharModel):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+    def logits(self, idx: torch.Tensor, pos: int = 0) -> torch.Tensor:
         B, T = idx.size()
-        if T > self.block_size:
-            raise ValueError(f"a sequence of {T} characters is longer than block_size={self.block_size}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, n_embd)
+        if pos + T > self.block_size:
+            raise ValueError(f"positions {pos} .. {pos + T - 1} do not fit in block_size={self.block_size}")
+        positions = torch.arange(pos, pos + T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, n_embd)
         for block in self.h:
-            x = block(x)
+            x = block(x, pos)
         return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+
+    def set_kv_cache(self, batch_size: int) -> None:
+        """Keep each layer's keys and values for up to block_size positions, so that a forward pass at `pos`
+        computes only the new positions. Generation only: clear it with `clear_kv_cache()` when done."""
+        n_head, n_embd = self.config["n_head"], self.config["n_embd"]
+        shape = (batch_size, n_head, self.block_size, n_embd // n_head)
+        weight = self.wte.weight
+        for block in self.h:
+            block.attn.kv_cache = (weight.new_zeros(shape), weight.new_zeros(shape))
+
+    def clear_kv_cache(self) -> None:
+        for block in self.h:
+            block.attn.kv_cache = None
 
 
 def _check_positive(**sizes: int) -> None:

@@ -1,0 +1,49 @@
+"""Characters per second of `charlm.sampling.generate`, with and without the GPT's KV cache.
+
+The model is the 6-layer, 6-head, 384-wide, block-256 GPT of configs/gpt.yaml with random weights (speed does not
+depend on what was learned). Without the cache, every step re-runs the last block_size characters, as nanoGPT's
+sample.py does; with it, every step computes one position (plus a re-fill of the cache every block_size // 4 steps).
+
+    python benchmarks/generate_speed.py [--new_tokens 2000] [--device cpu]
+"""
+
+import argparse
+import resource
+import time
+
+import torch
+
+from charlm.models import GPT
+from charlm.sampling import generate
+
+
+def chars_per_second(net: GPT, new_tokens: int, use_cache: bool, device: str) -> float:
+    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    start = time.perf_counter()
+    for _ in generate(net, prompt, new_tokens, temperature=1.0, generator=generator, use_cache=use_cache):
+        pass
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return new_tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new_tokens", type=int, default=2000)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    net = GPT(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2).to(args.device).eval()
+    chars_per_second(net, 50, True, args.device)  # warm up
+    cached = chars_per_second(net, args.new_tokens, True, args.device)
+    uncached = chars_per_second(net, args.new_tokens, False, args.device)
+    print(f"device {args.device}, torch threads {torch.get_num_threads()}, {args.new_tokens} new characters")
+    print(f"without KV cache: {uncached:8.1f} chars/s")
+    print(f"with KV cache:    {cached:8.1f} chars/s")
+    print(f"speed-up:         {cached / uncached:8.1f}x")
+    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

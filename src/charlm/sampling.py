@@ -1,0 +1,107 @@
+"""Generation: temperature, top-k and top-p sampling, the KV-cache loop, and loading a net from a checkpoint.
+
+One implementation serves `python -m charlm generate` and the training-time samples.
+
+Past block_size: the no-cache path (nanoGPT's sample.py) re-runs the last block_size characters at every step.
+The cached path keeps the characters it has cached as the context; when the cache is full it keeps the last
+block_size - block_size // 4 characters and re-fills the cache from them in one pass. So the context grows from
+3/4 of block_size to block_size and drops back, and each step costs one position, plus one re-fill every
+block_size // 4 steps.
+"""
+
+import pickle
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from charlm.data import CharTokenizer
+from charlm.models import GPT, Bigram, CharModel
+
+NETS = {f"{cls.__module__}.{cls.__name__}": cls for cls in (GPT, Bigram)}  # the only classes a checkpoint may name
+
+
+def pick_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The next token ids (B, 1) from last-position logits (B, vocab_size); temperature 0 is greedy.
+
+    top_k keeps the k most likely tokens, top_p the smallest set whose probability reaches p; both may be given.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        probs, order = torch.sort(F.softmax(logits, dim=-1), descending=True)
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p  # the more likely tokens already reach p
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(
+    net: CharModel,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Iterator[torch.Tensor]:
+    """Yield `max_new_tokens` next-token ids (B, 1), one at a time, continuing idx (B, T).
+
+    With use_cache (the default) the GPT computes one new position per step from its KV cache.
+    """
+    block_size = net.block_size
+    cached = use_cache and isinstance(net, GPT)
+    window = idx[:, -block_size:]  # the context: for the cached path, exactly what is in the cache
+    if cached:
+        net.set_kv_cache(idx.size(0))
+    try:
+        logits = net(window)[0][:, -1]
+        for _ in range(max_new_tokens):
+            next_id = pick_next(logits, temperature, top_k, top_p, generator)
+            yield next_id
+            window = torch.cat((window, next_id), dim=1)
+            if not cached:
+                window = window[:, -block_size:]
+                logits = net(window)[0][:, -1]
+            elif window.size(1) <= block_size:
+                logits = net(next_id, pos=window.size(1) - 1)[0][:, -1]
+            else:  # the cache is full: re-fill it from the most recent characters
+                window = window[:, -(block_size - block_size // 4) :]
+                logits = net(window)[0][:, -1]
+    finally:
+        if cached:
+            net.clear_kv_cache()
+
+
+def load_net(ckpt_path: Path, device: torch.device | str = "cpu") -> tuple[CharModel, CharTokenizer]:
+    """The net (in eval mode) and the tokenizer stored in a charlm checkpoint; nothing else is needed."""
+    try:
+        # weights_only: a checkpoint holds tensors and plain values, so a pickle that would run code is refused
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        reason = str(e).strip().splitlines()[0][:200]
+        raise ValueError(f"{ckpt_path} is not a valid checkpoint ({reason}): pass a .ckpt file charlm saved") from None
+    try:
+        net_config = ckpt["hyper_parameters"]["net"]
+        cls = NETS[net_config["class_path"]]
+        chars = ckpt["CharDataModule"]["chars"]
+        state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{ckpt_path} is not a charlm checkpoint (no {e}): pass a .ckpt file charlm saved") from None
+    net = cls(**net_config["init_args"])
+    net.load_state_dict(state)
+    return net.to(device).eval(), CharTokenizer(chars)

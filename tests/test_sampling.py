@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from charlm.models import GPT, Bigram
+from charlm.sampling import generate, pick_next
+
+
+@pytest.fixture
+def gpt() -> GPT:
+    torch.manual_seed(0)
+    return GPT(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=32).eval()
+
+
+def tokens(*args, **kwargs) -> torch.Tensor:
+    return torch.cat(list(generate(*args, **kwargs)), dim=1)
+
+
+def test_cached_logits_equal_a_full_forward_pass(gpt):
+    seq = torch.randint(20, (3, 16))
+    full, _ = gpt(seq)
+    gpt.set_kv_cache(batch_size=3)
+    prefill, _ = gpt(seq[:, :5])
+    steps = [gpt(seq[:, t : t + 1], pos=t)[0] for t in range(5, 16)]
+    gpt.clear_kv_cache()
+    cached = torch.cat([prefill, *steps], dim=1)
+    assert (cached - full).abs().max().item() < 1e-5
+
+
+def test_greedy_output_with_and_without_the_cache_is_identical_within_block_size(gpt):
+    prompt = torch.randint(20, (2, 4))
+    with_cache = tokens(gpt, prompt, 12, temperature=0)
+    without = tokens(gpt, prompt, 12, temperature=0, use_cache=False)
+    assert torch.equal(with_cache, without)
+    assert all(block.attn.kv_cache is None for block in gpt.h)  # the cache is released after generation
+
+
+def test_past_block_size_the_cache_slides_as_documented(gpt):
+    """Thousands of characters, and every one is the argmax of a full forward pass over the documented context:
+    the characters since the last re-fill, which starts from the last 3/4 of block_size characters."""
+    prompt = torch.randint(20, (1, 10))
+    out = tokens(gpt, prompt, 2000, temperature=0)
+    seq, context = prompt[0].tolist(), 10
+    for t in range(2000):
+        expected = gpt(torch.tensor([seq[-context:]]))[0][0, -1].argmax().item()
+        assert out[0, t].item() == expected, f"step {t}"
+        seq.append(expected)
+        context = context + 1 if context < 16 else 16 - 16 // 4
+
+
+def test_sampling_is_seeded_and_works_for_the_bigram():
+    torch.manual_seed(0)
+    bigram = Bigram(vocab_size=20).eval()
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+
+    def sample(seed):
+        return tokens(bigram, prompt, 100, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(sample(1), sample(1))
+    assert not torch.equal(sample(1), sample(2))
+
+
+def test_top_k_and_top_p_compose():
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.05, 0.05]]))
+    generator = torch.Generator().manual_seed(0)
+
+    def picks(**kwargs):
+        return {pick_next(logits, 1.0, generator=generator, **kwargs).item() for _ in range(300)}
+
+    assert picks(top_k=2) == {0, 1}
+    assert picks(top_p=0.65) == {0, 1}  # 0.4 < 0.65, 0.4 + 0.3 reaches it
+    assert picks(top_p=0.75) == {0, 1, 2}
+    assert picks(top_k=2, top_p=0.3) == {0}
+    assert picks() == {0, 1, 2, 3, 4}
+    assert pick_next(logits, 0.0).item() == 0  # temperature 0 is greedy
