@@ -1,10 +1,12 @@
 """Characters per second of `charlm.sampling.generate`, with and without the GPT's KV cache.
 
-The model is the 6-layer, 6-head, 384-wide, block-256 GPT of configs/gpt.yaml with random weights (speed does not
-depend on what was learned). Without the cache, every step re-runs the last block_size characters, as nanoGPT's
-sample.py does; with it, every step computes one position (plus a re-fill of the cache every block_size // 4 steps).
+The model is by default the 6-layer, 6-head, 384-wide, block-256 GPT of configs/gpt.yaml, with random weights
+(speed does not depend on what was learned). Without the cache, every step re-runs the last block_size characters,
+as nanoGPT's sample.py does; with it, every step computes one position (plus a re-fill of the cache every
+block_size // 4 steps).
 
     python benchmarks/generate_speed.py [--new_tokens 2000] [--device cpu]
+    python benchmarks/generate_speed.py --n_layer 4 --n_head 4 --n_embd 128 --block_size 64   # configs/gpt-cpu.yaml
 """
 
 import argparse
@@ -32,13 +34,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new_tokens", type=int, default=2000)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--n_layer", type=int, default=6)
+    parser.add_argument("--n_head", type=int, default=6)
+    parser.add_argument("--n_embd", type=int, default=384)
+    parser.add_argument("--block_size", type=int, default=256)
     args = parser.parse_args()
     torch.manual_seed(0)
-    net = GPT(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2).to(args.device).eval()
+    sizes = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size)
+    net = GPT(vocab_size=65, **sizes).to(args.device).eval()
     chars_per_second(net, 50, True, args.device)  # warm up
     cached = chars_per_second(net, args.new_tokens, True, args.device)
     uncached = chars_per_second(net, args.new_tokens, False, args.device)
-    print(f"device {args.device}, torch threads {torch.get_num_threads()}, {args.new_tokens} new characters")
+    print(f"GPT {sizes}, device {args.device}, {torch.get_num_threads()} threads, {args.new_tokens} new characters")
     print(f"without KV cache: {uncached:8.1f} chars/s")
     print(f"with KV cache:    {cached:8.1f} chars/s")
     print(f"speed-up:         {cached / uncached:8.1f}x")
