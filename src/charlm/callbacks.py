@@ -38,8 +38,7 @@ class GenerationCallback(L.Callback):
         unknown = sorted(set(self.prompt) - set(trainer.datamodule.tokenizer.chars))
         if unknown:
             raise ValueError(
-                f"the sample prompt has characters {unknown!r} that are not in the corpus: "
-                "change --trainer.callbacks's GenerationCallback prompt"
+                f"the sample prompt has characters {unknown!r} that are not in the corpus: change --generation.prompt"
             )
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
