@@ -1,7 +1,10 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = Path(__file__).resolve().parents[1]
 # CI keeps the corpus beside the checkout; a newcomer has the copy that `python -m charlm fit` downloaded
@@ -26,3 +29,31 @@ def tiny_text(tmp_path) -> Path:
     path = tmp_path / "tiny.txt"
     path.write_text("hello world, hello charlm.\n" * 40)
     return path
+
+
+def tiny(corpus, max_steps=4) -> list[str]:
+    return [
+        "--config", str(ROOT / "configs/gpt-cpu.yaml"),
+        "--data.path", str(corpus),
+        "--model.net.init_args.n_layer", "1",
+        "--model.net.init_args.n_head", "2",
+        "--model.net.init_args.n_embd", "32",
+        "--model.warmup_steps", "2",
+        "--data.block_size", "32",
+        "--data.batch_size", "64",
+        "--trainer.max_steps", str(max_steps),
+        "--trainer.val_check_interval", "2",
+        "--trainer.enable_progress_bar", "false",
+        "--generation.max_new_tokens", "30",
+    ]  # fmt: skip
+
+
+def charlm(*args, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "charlm", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in a TensorBoard log folder, read back with TensorBoard's own reader."""
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}

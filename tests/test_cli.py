@@ -1,44 +1,14 @@
 """End to end: `python -m charlm` as a person runs it, in a subprocess, on the real corpus, with a tiny GPT."""
 
 import re
-import subprocess
 import sys
 
 import pytest
 import torch
 import yaml
-from conftest import ROOT
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from conftest import ROOT, charlm, scalars, tiny
 
 from charlm.__main__ import main
-
-
-def tiny(corpus, max_steps=4) -> list[str]:
-    return [
-        "--config", str(ROOT / "configs/gpt-cpu.yaml"),
-        "--data.path", str(corpus),
-        "--model.net.init_args.n_layer", "1",
-        "--model.net.init_args.n_head", "2",
-        "--model.net.init_args.n_embd", "32",
-        "--model.warmup_steps", "2",
-        "--data.block_size", "32",
-        "--data.batch_size", "64",
-        "--trainer.max_steps", str(max_steps),
-        "--trainer.val_check_interval", "2",
-        "--trainer.enable_progress_bar", "false",
-        "--generation.max_new_tokens", "30",
-    ]  # fmt: skip
-
-
-def charlm(*args, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "charlm", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
-
-
-def scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in a TensorBoard log folder, read back with TensorBoard's own reader."""
-    events = EventAccumulator(str(log_dir))
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 @pytest.fixture(autouse=True)
@@ -93,8 +63,8 @@ def test_resume_from_last_continues_the_global_step_and_the_curves(corpus, tmp_p
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 4
     assert not list(ckpts.glob("last-v*.ckpt"))  # the resumed run updates last.ckpt rather than starting a new one
     assert len(list(ckpts.glob("step*-val*.ckpt"))) == 1  # and still keeps one best checkpoint
-    resumed = scalars(tmp_path / "logs/gpt-cpu/version_1")
-    assert [step for step, _ in resumed["train/loss"]] == [2, 3]
+    assert [p.name for p in (tmp_path / "logs/gpt-cpu").iterdir()] == ["version_0"]  # the curves go on in place
+    assert [step for step, _ in scalars(tmp_path / "logs/gpt-cpu/version_0")["train/loss"]] == [0, 1, 2, 3]
 
 
 def val_loss_printed(capsys) -> float:
@@ -123,19 +93,63 @@ def test_resume_from_last_without_a_checkpoint_is_an_error_naming_the_folder(cor
     assert not (tmp_path / "logs").exists()
 
 
+def files_and_contents(folder) -> dict:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
         (["--data.path", "missing.txt"], "--data.path missing.txt does not exist"),
+        (["--data.path", "."], "--data.path . is a directory"),
+        (["--data.path", "empty.txt"], "--data.path empty.txt is empty"),
+        (["--data.path", "latin1.txt"], "--data.path latin1.txt is not UTF-8 (byte offset 3)"),
+        (["--data.path", "short.txt"], "the training split has 32 characters, fewer than one window"),
+        (["--data.path", "other.txt"], "the checkpoint's vocabulary (65 characters) differs from this text's (14)"),
         (["--model.net.init_args.n_head", "3"], "n_embd=32 is not divisible by n_head=3"),
+        (["--data.block_size", "0"], "--data.block_size 0 and --data.batch_size 64 must both be >= 1"),
+        (["--model.net.init_args.dropout", "1.0"], "dropout=1.0 is outside [0, 1)"),
+        (["--model.lr", "0"], "--model.lr 0.0 must be > 0"),
+        (["--trainer.max_steps", "0"], "--trainer.max_steps 0: training is step-based, set it to >= 1"),
+        (
+            ["--model.net.init_args.n_embd", "48"],
+            "net.h.0.attn.c_attn.weight is [96, 32] in the checkpoint and [144, 48] in the config",
+        ),
         (["--ckpt_path", "nothing.ckpt"], "--ckpt_path nothing.ckpt is not a file"),
+        (["--ckpt_path", "truncated.ckpt"], "truncated.ckpt is not a valid checkpoint"),
+        (["--ckpt_path", "logs/gpt-cpu/version_0/config.yaml"], "config.yaml is not a valid checkpoint"),
+        (["--ckpt_path", "empty.txt"], "empty.txt is not a valid checkpoint"),
     ],
 )
-def test_bad_input_is_one_line_error_and_non_zero_exit(corpus, tmp_path, monkeypatch, flags, message):
-    monkeypatch.chdir(tmp_path)
+def test_bad_input_is_one_line_error_and_leaves_the_run_untouched(trained, corpus, monkeypatch, flags, message):
+    """Each mistake, made while resuming the trained run: an error line, and every checkpoint and log as it was."""
+    cwd, *_ = trained
+    monkeypatch.chdir(cwd)
+    (cwd / "empty.txt").write_text("")
+    (cwd / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
+    (cwd / "short.txt").write_text("hello world\n" * 3)
+    (cwd / "other.txt").write_text("hello world, hello charlm.\n" * 40)
+    data = (cwd / "checkpoints/gpt-cpu/last.ckpt").read_bytes()
+    (cwd / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    before = files_and_contents(cwd / "checkpoints") | files_and_contents(cwd / "logs")
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *tiny(corpus), *flags])
-    assert message in str(exit_info.value.code) and "\n" not in str(exit_info.value.code)
+        main(["fit", *tiny(corpus), "--ckpt_path", "last", *flags])
+    error = str(exit_info.value.code)
+    assert error.startswith("charlm: error: ") and message in error and "\n" not in error
+    assert files_and_contents(cwd / "checkpoints") | files_and_contents(cwd / "logs") == before
+
+
+def test_a_fresh_run_into_a_folder_with_checkpoints_is_refused(trained, corpus, monkeypatch):
+    cwd, *_ = trained
+    monkeypatch.chdir(cwd)
+    before = files_and_contents(cwd / "checkpoints")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *tiny(corpus)])
+    assert str(exit_info.value.code) == (
+        f"charlm: error: {cwd}/checkpoints/gpt-cpu/ already holds checkpoints of an earlier run: "
+        "resume it with --ckpt_path last, or pass --checkpoint.dirpath with a new folder"
+    )
+    assert files_and_contents(cwd / "checkpoints") == before
 
 
 def resolved_config(capsys, *args) -> dict:

@@ -2,7 +2,7 @@
 
 fit, validate and test are Lightning's own LightningCLI over CharLM and CharDataModule: the flags are the
 `__init__` signatures, `--model.*` (CharLM, with the net under `--model.net`), `--data.*` (CharDataModule),
-`--trainer.*`, `--checkpoint.*` (ModelCheckpoint) and `--generation.*` (GenerationCallback).
+`--trainer.*`, `--checkpoint.*` (ResumableCheckpoint, a ModelCheckpoint) and `--generation.*` (GenerationCallback).
 generate needs neither a trainer nor data, only a checkpoint, so it has its own small parser.
 """
 
@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from charlm.callbacks import GenerationCallback
+from charlm.checkpointing import ResumableCheckpoint, lock_folder, read_checkpoint
 from charlm.data import CharDataModule
 from charlm.module import CharLM
 from charlm.sampling import generate, load_net
@@ -26,7 +27,7 @@ class CharLMCLI(LightningCLI):
         return {name: args for name, args in LightningCLI.subcommands().items() if name != "predict"}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
         parser.add_lightning_class_args(GenerationCallback, "generation")
         parser.set_defaults(
             {
@@ -36,14 +37,40 @@ class CharLMCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
                 "checkpoint.monitor": "val/loss",
                 "checkpoint.save_last": True,
+                "checkpoint.enable_version_counter": False,  # one last.ckpt per folder, also after a move
             }
         )
         # the data decides the vocabulary and the context length; the net is built to match
         parser.link_arguments("data.vocab_size", "model.net.init_args.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.block_size", "model.net.init_args.block_size")
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning would let a checkpoint's stored hyperparameters override the config; here the config decides
+        and `_check_ckpt_path` refuses a checkpoint whose shapes do not fit it."""
+
     def before_fit(self) -> None:
-        self._check_ckpt_path()
+        if self.trainer.max_steps < 1:
+            raise ValueError(f"--trainer.max_steps {self.trainer.max_steps}: training is step-based, set it to >= 1")
+        ckpt = self._check_ckpt_path()
+        checkpoint_callback = self.trainer.checkpoint_callback
+        folder = Path(checkpoint_callback.dirpath)
+        if self.trainer.is_global_zero:
+            lock = lock_folder(folder)
+            if ckpt is None and list(folder.glob("*.ckpt")):
+                lock.close()
+                raise FileExistsError(
+                    f"{folder}/ already holds checkpoints of an earlier run: resume it with --ckpt_path last, "
+                    "or pass --checkpoint.dirpath with a new folder"
+                )
+            checkpoint_callback.lock = lock  # released when the run ends, however it ends
+        logger = self.trainer.logger
+        if ckpt and isinstance(logger, TensorBoardLogger) and logger._version is None and logger._experiment is None:
+            log_folder = Path(logger.root_dir) / f"version_{ckpt.get('log_version')}"
+            if log_folder.is_dir():
+                # a resumed run goes on in the interrupted run's log folder; purge_step hides what that run logged
+                # after this checkpoint, so every step appears exactly once
+                logger._version = ckpt["log_version"]
+                logger._kwargs["purge_step"] = ckpt["global_step"]
 
     def before_validate(self) -> None:
         self._check_ckpt_path()
@@ -51,15 +78,36 @@ class CharLMCLI(LightningCLI):
     def before_test(self) -> None:
         self._check_ckpt_path()
 
-    def _check_ckpt_path(self) -> None:
-        """`--ckpt_path last` with nothing to resume is an error, never Lightning's silent fresh start."""
+    def _check_ckpt_path(self) -> dict | None:
+        """Load --ckpt_path; fail before any work if it names nothing, is no checkpoint, or does not fit the model."""
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt_path in (None, "best"):
+            return None
         if ckpt_path == "last":
             folder = Path(self.trainer.checkpoint_callback.dirpath)
-            if not list(folder.glob("last*.ckpt")):
+            candidates = sorted(folder.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+            if not candidates:
                 raise FileNotFoundError(f"--ckpt_path last: no last.ckpt in {folder}/: train first, or pass a file")
-        elif ckpt_path not in (None, "best") and not Path(ckpt_path).is_file():
+            path = candidates[-1]
+        elif Path(ckpt_path).is_file():
+            path = Path(ckpt_path)
+        else:
             raise FileNotFoundError(f"--ckpt_path {ckpt_path} is not a file: pass a .ckpt file, or last")
+        ckpt = read_checkpoint(path)
+        saved = ckpt.get("state_dict")
+        if not isinstance(saved, dict) or "CharDataModule" not in ckpt:
+            raise ValueError(f"--ckpt_path {path} is not a charlm checkpoint: pass a .ckpt file charlm saved")
+        self.datamodule.load_state_dict(ckpt["CharDataModule"])  # the same vocabulary, or an error that says so
+        expected = self.model.state_dict()
+        for name in sorted(expected.keys() | saved.keys()):
+            if name not in saved or name not in expected or saved[name].shape != expected[name].shape:
+                there = list(saved[name].shape) if name in saved else "absent"
+                here = list(expected[name].shape) if name in expected else "absent"
+                raise ValueError(
+                    f"--ckpt_path {path} does not fit this model: {name} is {there} in the checkpoint and {here} in "
+                    "the config: use the config and flags it was trained with"
+                )
+        return ckpt
 
 
 def trainer_defaults() -> dict:
@@ -74,6 +122,7 @@ def trainer_defaults() -> dict:
         "val_check_interval": 250,
         "check_val_every_n_epoch": None,  # count val_check_interval in steps across epochs
         "log_every_n_steps": 1,
+        "plugins": [{"class_path": "charlm.checkpointing.AtomicCheckpointIO"}],
         "logger": {
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
             "init_args": {"save_dir": "logs", "name": "default"},
@@ -184,6 +233,7 @@ def main(args: list[str] | None = None) -> None:
             trainer_defaults=trainer_defaults(),
             seed_everything_default=1337,
             auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},  # a resumed run rewrites config.yaml in the folder it goes on in
             args=args,
         )
     except (ValueError, OSError) as e:

@@ -126,7 +126,7 @@ class CharDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if block_size < 1 or batch_size < 1:
-            raise ValueError(f"block_size={block_size} and batch_size={batch_size} must be positive integers")
+            raise ValueError(f"--data.block_size {block_size} and --data.batch_size {batch_size} must both be >= 1")
         if path is None:
             file = download(SHAKESPEARE_URL, Path(SHAKESPEARE_CACHE), SHAKESPEARE_SHA256)
         else:

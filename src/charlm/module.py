@@ -34,19 +34,28 @@ class CharLM(L.LightningModule):
         super().__init__()
         if not isinstance(net, CharModel):
             raise ValueError(f"--model.net {type(net).__name__} is not a charlm model: use charlm.models.GPT or Bigram")
-        if lr <= 0 or min_lr < 0 or min_lr > lr:
-            raise ValueError(f"lr={lr}, min_lr={min_lr}: need 0 <= min_lr <= lr and lr > 0")
+        if lr <= 0:
+            raise ValueError(f"--model.lr {lr} must be > 0")
+        if not 0 <= min_lr <= lr:
+            raise ValueError(f"--model.min_lr {min_lr} must be between 0 and --model.lr {lr}")
         if warmup_steps < 0:
-            raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
+            raise ValueError(f"--model.warmup_steps {warmup_steps} must be >= 0")
         self.net = net
         # plain values only (the net as class path and arguments), so checkpoints load with weights_only=True
         self.save_hyperparameters(ignore=["net"])
         self.hparams["net"] = {"class_path": f"{type(net).__module__}.{type(net).__name__}", "init_args": net.config}
         self.eval_loss = MeanMetric()
+        self.saved_rng_states: dict | None = None
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         _, loss = self.net(x, y)
+        if not torch.isfinite(loss):
+            # stop before the optimizer step: the weights and every checkpoint already saved stay as they were
+            raise ValueError(
+                f"the training loss is {loss.item()} at step {self.global_step + 1}: stopped; the checkpoints saved "
+                "so far are kept: lower --model.lr, or check the data"
+            )
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         return loss
@@ -72,8 +81,30 @@ class CharLM(L.LightningModule):
     def _log_eval(self, split: str) -> None:
         loss = self.eval_loss.compute()
         self.eval_loss.reset()
+        if not torch.isfinite(loss):
+            raise ValueError(
+                f"the {split} loss is {loss.item()} after step {self.global_step}: stopped; the checkpoints saved "
+                "so far are kept: lower --model.lr, or check the data"
+            )
         self.log(f"{split}/loss", loss, prog_bar=True)
         self.log(f"{split}/bpc", loss / math.log(2))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # dropout draws from the global generators: with their states saved, a resumed run draws what this one would
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "cuda": cuda}
+        checkpoint["log_version"] = self.logger.version if self.logger else None  # where a resumed run logs on
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.saved_rng_states = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        # restored here, after the sanity check and everything else that runs between loading and training
+        if self.saved_rng_states is not None:
+            torch.set_rng_state(self.saved_rng_states["torch"])
+            if self.saved_rng_states["cuda"]:
+                torch.cuda.set_rng_state_all(self.saved_rng_states["cuda"])
+            self.saved_rng_states = None
 
     def configure_optimizers(self):
         if self.trainer.max_steps < 1:

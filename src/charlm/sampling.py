@@ -9,14 +9,13 @@ block_size - block_size // 4 characters and re-fills the cache from them in one 
 block_size // 4 steps.
 """
 
-import pickle
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
+from charlm.checkpointing import read_checkpoint
 from charlm.data import CharTokenizer
 from charlm.models import GPT, Bigram, CharModel
 
@@ -89,12 +88,7 @@ def generate(
 
 def load_net(ckpt_path: Path, device: torch.device | str = "cpu") -> tuple[CharModel, CharTokenizer]:
     """The net (in eval mode) and the tokenizer stored in a charlm checkpoint; nothing else is needed."""
-    try:
-        # weights_only: a checkpoint holds tensors and plain values, so a pickle that would run code is refused
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        reason = str(e).strip().splitlines()[0][:200]
-        raise ValueError(f"{ckpt_path} is not a valid checkpoint ({reason}): pass a .ckpt file charlm saved") from None
+    ckpt = read_checkpoint(ckpt_path, device)
     try:
         net_config = ckpt["hyper_parameters"]["net"]
         cls = NETS[net_config["class_path"]]

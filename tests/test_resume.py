@@ -1,0 +1,174 @@
+"""Interruptions: Ctrl-C, SIGTERM and SIGKILL (also during a save), a full disk, a NaN loss, two runs in one folder.
+
+The promise under test: the newest checkpoint on disk is always whole, and a resumed run is the run that would
+have happened without the interruption: bitwise the same weights, and curves with every step exactly once.
+"""
+
+import errno
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import scalars, tiny
+
+from charlm import checkpointing
+from charlm.__main__ import main
+
+MAX_STEPS = 30
+
+
+def flags(corpus) -> list[str]:
+    """A tiny GPT with dropout (so the random state matters), validating every 4 steps, saving last every 3."""
+    return [
+        *tiny(corpus, max_steps=MAX_STEPS),
+        "--model.net.init_args.dropout", "0.1",
+        "--trainer.val_check_interval", "4",
+        "--checkpoint.save_last_every_n_steps", "3",
+        "--generation.max_new_tokens", "5",
+    ]  # fmt: skip
+
+
+def start(corpus, cwd, *extra) -> subprocess.Popen:
+    command = [sys.executable, "-m", "charlm", "fit", *flags(corpus), *extra]
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(corpus, cwd) -> None:
+    process = start(corpus, cwd, "--ckpt_path", "last")
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+
+
+def weights(cwd) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(cwd / "checkpoints/gpt-cpu/last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == MAX_STEPS
+    return ckpt["state_dict"]
+
+
+def wait_for_new_save(process, ckpts, timeout=120) -> None:
+    """Wait until this process has replaced last.ckpt (or written the first one)."""
+    last = ckpts / "last.ckpt"
+    before = last.stat().st_mtime_ns if last.exists() else None
+    deadline = time.monotonic() + timeout
+    while not last.exists() or last.stat().st_mtime_ns == before:
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it saved"
+        time.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("straight")
+    process = start(corpus, cwd)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    return cwd
+
+
+def assert_same_run(cwd, uninterrupted) -> None:
+    straight, resumed = weights(uninterrupted), weights(cwd)
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)  # bitwise, on CPU
+    logs = sorted((cwd / "logs/gpt-cpu").iterdir())
+    assert len(logs) == 1  # the resumed runs went on in the interrupted run's log folder
+    curves, expected = scalars(logs[0]), scalars(uninterrupted / "logs/gpt-cpu/version_0")
+    for tag in ("train/loss", "val/loss", "train/lr"):
+        assert [step for step, _ in curves[tag]] == [step for step, _ in expected[tag]]  # each step exactly once
+    assert curves["val/loss"] == expected["val/loss"]
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_saves_last_and_the_resumed_run_equals_an_uninterrupted_one(
+    corpus, tmp_path, uninterrupted, signum, code
+):
+    process = start(corpus, tmp_path)
+    wait_for_new_save(process, tmp_path / "checkpoints/gpt-cpu")
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == code
+    step = torch.load(tmp_path / "checkpoints/gpt-cpu/last.ckpt", weights_only=True)["global_step"]
+    assert 0 < step < MAX_STEPS
+    assert err.strip().splitlines()[-1] == (
+        f"charlm: {signal.Signals(signum).name} received: stopped after step {step}; "
+        f"saved {tmp_path}/checkpoints/gpt-cpu/last.ckpt; resume with --ckpt_path last"
+    )
+    finish(corpus, tmp_path)
+    assert_same_run(tmp_path, uninterrupted)
+
+
+def test_sigkill_at_random_moments_and_during_saves_then_resume(corpus, tmp_path, uninterrupted):
+    """Kill -9 four times: twice at a random moment after a save, twice the moment a save begins; then finish."""
+    ckpts, moments = tmp_path / "checkpoints/gpt-cpu", random.Random(0)
+    resume: list[str] = []
+    for during_save in (False, True, False, True):
+        process = start(corpus, tmp_path, *resume)
+        if during_save:  # the temporary file exists from the first byte of a save until its rename
+            while not (ckpts / f".saving-{process.pid}.tmp").exists():
+                assert process.poll() is None, "the run ended before it saved"
+        else:
+            wait_for_new_save(process, ckpts)
+            time.sleep(moments.uniform(0, 0.5))
+        process.kill()
+        process.communicate()
+        assert [p.name for p in ckpts.glob("last*")] in ([], ["last.ckpt"])  # a cut-short save is never a last*
+        if (ckpts / "last.ckpt").exists():
+            torch.load(ckpts / "last.ckpt", weights_only=True)  # whole, whatever the moment of the kill
+            resume = ["--ckpt_path", "last"]
+    finish(corpus, tmp_path)
+    assert not list(ckpts.glob(".saving-*"))  # the next run cleans up what a kill left
+    assert_same_run(tmp_path, uninterrupted)
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", *tiny(corpus, max_steps=2)])
+    last = tmp_path / "checkpoints/gpt-cpu/last.ckpt"
+    before = last.read_bytes()
+
+    def disk_full(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpointing.torch, "save", disk_full)  # the write itself fails, as on a full disk
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *tiny(corpus, max_steps=4), "--ckpt_path", "last"])
+    assert str(exit_info.value.code).startswith(f"charlm: error: could not save {tmp_path}/checkpoints/gpt-cpu/")
+    assert "(No space left on device): the checkpoints already there are intact" in str(exit_info.value.code)
+    assert last.read_bytes() == before
+    assert not list(last.parent.glob(".saving-*")) and len(list(last.parent.glob("*.ckpt"))) == 2  # last and best
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_checkpoints(corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", *tiny(corpus, max_steps=2)])
+    ckpts = tmp_path / "checkpoints/gpt-cpu"
+    before = {p: p.read_bytes() for p in ckpts.glob("*.ckpt")}
+    ckpt = torch.load(ckpts / "last.ckpt", weights_only=True)
+    ckpt["state_dict"]["net.wte.weight"][0, 0] = float("inf")  # weights gone bad, as after a blow-up
+    torch.save(ckpt, tmp_path / "diverged.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *tiny(corpus), "--ckpt_path", "diverged.ckpt", "--trainer.num_sanity_val_steps", "0"])
+    assert str(exit_info.value.code).startswith("charlm: error: the training loss is nan at step 3: stopped")
+    assert {p: p.read_bytes() for p in ckpts.glob("*.ckpt")} == before  # neither last nor best was overwritten
+
+
+def test_two_runs_cannot_write_into_one_checkpoint_folder(corpus, tmp_path):
+    first = start(corpus, tmp_path, "--trainer.max_steps", "100000")
+    wait_for_new_save(first, tmp_path / "checkpoints/gpt-cpu")
+    second = subprocess.run(
+        [sys.executable, "-m", "charlm", "fit", *flags(corpus), "--ckpt_path", "last"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert second.returncode == 1
+    assert second.stderr.strip().splitlines()[-1] == (
+        f"charlm: error: {tmp_path}/checkpoints/gpt-cpu/ is in use by another run (pid {first.pid}): "
+        "wait for it to finish, or pass --checkpoint.dirpath with another folder"
+    )
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=120)
+    assert first.returncode == 143  # the first run went on undisturbed until it was told to stop
