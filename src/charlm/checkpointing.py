@@ -102,6 +102,8 @@ class ResumableCheckpoint(ModelCheckpoint):
             raise SystemExit(128 + self.stop_signal)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # Lightning counts the next batch "ready" before on_train_batch_start; resumed from a checkpoint that says so,
+        # a run is one batch off (measured: other weights, a skipped log step). Nothing of that batch has run yet.
         if self.saving_at_batch_start:
             loop = checkpoint["loops"]["fit_loop"]
             for counts in (loop["epoch_loop.batch_progress"]["total"], loop["epoch_loop.batch_progress"]["current"]):
