@@ -8,6 +8,7 @@ generate needs neither a trainer nor data, only a checkpoint, so it has its own 
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -223,6 +224,10 @@ def generate_command(argv: list[str]) -> None:
 
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
+    # Lightning's resume warnings do not apply: training batch n comes from (seed, n) alone, and a fresh run into a
+    # folder that holds checkpoints is refused before it starts
+    warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
+    warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
     try:
         if argv[:1] == ["generate"]:
             generate_command(argv[1:])

@@ -82,6 +82,8 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
             self.previous_handlers[signum] = signal.signal(signum, self._request_stop)
+        if trainer.received_sigterm:  # caught by Lightning's own handler while the run was being set up
+            self.stop_signal = signal.SIGTERM
 
     def _request_stop(self, signum: int, frame) -> None:
         if self.stop_signal == signal.SIGINT and signum == signal.SIGINT:
