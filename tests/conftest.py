@@ -43,6 +43,7 @@ def tiny(corpus, max_steps=4) -> list[str]:
         "--data.batch_size", "64",
         "--trainer.max_steps", str(max_steps),
         "--trainer.val_check_interval", "2",
+        "--trainer.log_every_n_steps", "1",
         "--trainer.enable_progress_bar", "false",
         "--generation.max_new_tokens", "30",
     ]  # fmt: skip

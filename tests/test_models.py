@@ -10,9 +10,10 @@ def tiny_gpt(**overrides) -> GPT:
     return GPT(**(config | overrides))
 
 
-def test_gpt_is_causal():
+@pytest.mark.parametrize("pos_emb", ["rope", "learned"])
+def test_gpt_is_causal(pos_emb):
     torch.manual_seed(0)
-    model = tiny_gpt().eval()
+    model = tiny_gpt(pos_emb=pos_emb).eval()
     idx = torch.randint(20, (2, 16))
     changed = idx.clone()
     changed[:, 9] = (idx[:, 9] + 1) % 20
@@ -20,6 +21,17 @@ def test_gpt_is_causal():
     logits_changed, _ = model(changed)
     assert torch.equal(logits[:, :9], logits_changed[:, :9])
     assert not torch.allclose(logits[:, 9:], logits_changed[:, 9:])
+
+
+def test_rope_attention_depends_on_relative_positions_only():
+    """With rotary positions, a sequence shifted to later positions gets the same logits (learned ones would not)."""
+    torch.manual_seed(0)
+    model = tiny_gpt(pos_emb="rope").eval()
+    idx = torch.randint(20, (2, 10))
+    at_zero = model(idx)[0]
+    at_six = model(idx, pos=6)[0]  # the same characters at positions 6 .. 15
+    assert (at_zero - at_six).abs().max().item() < 1e-5
+    assert "wpe.weight" not in model.state_dict()  # nothing learned about positions, nothing saved
 
 
 def test_lm_head_is_tied_to_token_embedding():
@@ -52,6 +64,8 @@ def test_models_overfit_a_tiny_sequence(make_model):
         (dict(dropout=1.0), "outside \\[0, 1\\)"),
         (dict(block_size=0), "block_size=0"),
         (dict(n_layer=-1), "n_layer=-1"),
+        (dict(n_embd=30, n_head=2), "rope needs an even head size, n_embd / n_head = 15"),
+        (dict(pos_emb="sinusoid"), "pos_emb='sinusoid' is not one of"),
     ],
 )
 def test_gpt_rejects_bad_hyperparameters(overrides, message):

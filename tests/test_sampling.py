@@ -5,10 +5,10 @@ from charlm.models import GPT, Bigram
 from charlm.sampling import generate, pick_next
 
 
-@pytest.fixture
-def gpt() -> GPT:
+@pytest.fixture(params=["rope", "learned"])
+def gpt(request) -> GPT:
     torch.manual_seed(0)
-    return GPT(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=32).eval()
+    return GPT(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=32, pos_emb=request.param).eval()
 
 
 def tokens(*args, **kwargs) -> torch.Tensor:

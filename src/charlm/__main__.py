@@ -119,10 +119,10 @@ def trainer_defaults() -> dict:
         precision = "32-true"
     return {
         "precision": precision,
-        "max_steps": 2000,
-        "val_check_interval": 250,
+        "max_steps": 700,
+        "val_check_interval": 350,
         "check_val_every_n_epoch": None,  # count val_check_interval in steps across epochs
-        "log_every_n_steps": 1,
+        "log_every_n_steps": 10,
         "plugins": [{"class_path": "charlm.checkpointing.AtomicCheckpointIO"}],
         "logger": {
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",

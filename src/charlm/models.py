@@ -5,11 +5,14 @@ Notable features of the GPT, following nanoGPT:
 - pre-LayerNorm residual blocks, causal attention through `F.scaled_dot_product_attention` (flash kernels on a GPU);
 - the LM head shares its weight with the token embedding (fewer parameters, better small-data loss);
 - residual projections start smaller by 1/sqrt(2 * n_layer), per GPT-2, so the residual stream does not grow with depth;
+- positions are learned embeddings (nanoGPT) or rotary embeddings (RoPE, `pos_emb="rope"`) that rotate queries and
+  keys by their position, so attention scores depend on relative distance;
 - an opt-in key/value cache for generation (`set_kv_cache` / `clear_kv_cache`).
 Nothing here knows about Lightning, files or the command line.
 """
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -59,6 +62,13 @@ class Bigram(CharModel):
         return self.table(idx)
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of x (B, nh, T, hs): channel pairs (i, i + hs/2) turn by angles that grow with the
+    position; cos and sin are (T, hs)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat((-x2, x1), dim=-1) * sin.to(x.dtype)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool):
         super().__init__()
@@ -69,12 +79,14 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # set by GPT.set_kv_cache
 
-    def forward(self, x: torch.Tensor, pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: int = 0, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
         if self.kv_cache is not None:  # x holds positions pos .. pos+T-1: store them, attend to all so far
             k_cache, v_cache = self.kv_cache
             k_cache[:B, :, pos : pos + T] = k
@@ -111,8 +123,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, dropout, bias)
 
-    def forward(self, x: torch.Tensor, pos: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), pos)
+    def forward(self, x: torch.Tensor, pos: int = 0, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+        x = x + self.attn(self.ln_1(x), pos, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -127,17 +139,19 @@ class GPT(CharModel):
         n_embd: width of the residual stream.
         dropout: dropout probability in [0, 1) on attention weights and residual branches.
         bias: use biases in Linear and LayerNorm layers.
+        pos_emb: "learned" position embeddings added to the input (nanoGPT), or "rope" rotary embeddings in attention.
     """
 
     def __init__(
         self,
         vocab_size: int = 65,
         block_size: int = 64,
-        n_layer: int = 4,
+        n_layer: int = 2,
         n_head: int = 4,
-        n_embd: int = 128,
+        n_embd: int = 64,
         dropout: float = 0.0,
         bias: bool = False,
+        pos_emb: Literal["learned", "rope"] = "rope",
     ):
         super().__init__()
         _check_positive(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
@@ -145,6 +159,11 @@ class GPT(CharModel):
             raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}: pick sizes where it is")
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout={dropout} is outside [0, 1): use e.g. 0.0 or 0.2")
+        if pos_emb not in ("learned", "rope"):
+            raise ValueError(f"pos_emb={pos_emb!r} is not one of 'learned', 'rope'")
+        head_size = n_embd // n_head
+        if pos_emb == "rope" and head_size % 2:
+            raise ValueError(f"rope needs an even head size, n_embd / n_head = {head_size}: change n_embd or n_head")
         self.config = dict(
             vocab_size=vocab_size,
             block_size=block_size,
@@ -153,10 +172,17 @@ class GPT(CharModel):
             n_embd=n_embd,
             dropout=dropout,
             bias=bias,
+            pos_emb=pos_emb,
         )
         self.block_size = block_size
         self.wte = nn.Embedding(vocab_size, n_embd)
-        self.wpe = nn.Embedding(block_size, n_embd)
+        if pos_emb == "learned":
+            self.wpe = nn.Embedding(block_size, n_embd)
+        else:  # angle of channel pair i at position t: t / 10000^(2i / head_size); not saved, rebuilt from the config
+            inv_freq = 10000.0 ** -(torch.arange(0, head_size, 2) / head_size)
+            angles = torch.outer(torch.arange(block_size), inv_freq).repeat(1, 2)  # (block_size, head_size)
+            self.register_buffer("rope_cos", angles.cos(), persistent=False)
+            self.register_buffer("rope_sin", angles.sin(), persistent=False)
         self.drop = nn.Dropout(dropout)
         self.h = nn.ModuleList(Block(n_embd, n_head, dropout, bias) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd, bias=bias)
@@ -179,10 +205,15 @@ class GPT(CharModel):
         B, T = idx.size()
         if pos + T > self.block_size:
             raise ValueError(f"positions {pos} .. {pos + T - 1} do not fit in block_size={self.block_size}")
-        positions = torch.arange(pos, pos + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, n_embd)
+        x = self.wte(idx)  # (B, T, n_embd)
+        rope = None
+        if self.config["pos_emb"] == "learned":
+            x = x + self.wpe(torch.arange(pos, pos + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T])
+        x = self.drop(x)
         for block in self.h:
-            x = block(x, pos)
+            x = block(x, pos, rope)
         return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
 
     def set_kv_cache(self, batch_size: int) -> None:
