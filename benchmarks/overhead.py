@@ -5,17 +5,19 @@ positions) from the same initial weights on the same batches (charlm's RandomWin
 AdamW and schedule, for the same number of steps. charlm runs through its own CLI, in this process, with the
 callbacks, the TensorBoard logging of every step and the progress bar that a user gets by default; only
 validation is off (`--trainer.limit_val_batches 0`), since the plain loop has none. Each side runs `--repeats`
-times, alternating, and the fastest run of each counts (this machine's speed drifts between runs). Tokens/s is
+times, in alternating order, and the median run of each counts (this machine's speed drifts by 10-20% between runs of
+the same code, so one run of each would say little). Tokens/s is
 measured from the first logged step at or after `--skip` to the last step: TensorBoard's wall time of each
 logged step for charlm, time.time() at the end of the same steps for the loop. The final training losses must
 agree: the same work.
 
-    python benchmarks/overhead.py --data.path input.txt [--steps 300] [--repeats 3] [charlm fit flags]
+    python benchmarks/overhead.py --data.path input.txt [--steps 300] [--repeats 5] [charlm fit flags]
 """
 
 import argparse
 import math
 import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -96,7 +98,7 @@ def main() -> None:
     parser.add_argument("--data.path", dest="data_path", required=True, help="tiny-shakespeare's input.txt")
     parser.add_argument("--steps", type=int, default=300, help="a multiple of 10: charlm logs every 10th step")
     parser.add_argument("--skip", type=int, default=20, help="first steps left out of the timing (warm-up)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--n_layer", type=int, default=4)
     parser.add_argument("--n_head", type=int, default=4)
     parser.add_argument("--n_embd", type=int, default=128)
@@ -104,20 +106,23 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=12)
     args, flags = parser.parse_known_args()  # other flags go to charlm, e.g. --trainer.enable_progress_bar false
     results = {"plain": [], "charlm": []}
-    for _ in range(args.repeats):
-        results["plain"].append(plain_run(args))
-        results["charlm"].append(charlm_run(args, flags))
-    plain, ours = max(results["plain"]), max(results["charlm"])
+    for repeat in range(args.repeats):
+        order = ("plain", "charlm") if repeat % 2 == 0 else ("charlm", "plain")  # the machine drifts: alternate
+        for name in order:
+            results[name].append(plain_run(args) if name == "plain" else charlm_run(args, flags))
     sizes = f"{args.n_layer} layers, {args.n_head} heads, {args.n_embd} wide, block {args.block_size}"
     print(f"\nGPT {sizes}, batch {args.batch_size}; {args.steps} steps, timed from step {args.skip}")
+    median = {}
     for name, runs in results.items():
+        median[name] = statistics.median(rate for rate, _ in runs)
         rates = ", ".join(f"{rate:,.0f}" for rate, _ in runs)
-        print(f"{name:>7}: {max(runs)[0]:8,.0f} tokens/s (runs: {rates}), final train loss {runs[0][1]:.4f}")
-    print(f"  ratio: {ours[0] / plain[0]:.3f} (charlm / plain)")
+        print(f"{name:>7}: {median[name]:8,.0f} tokens/s median (runs: {rates}), final train loss {runs[0][1]:.4f}")
+    print(f"  ratio: {median['charlm'] / median['plain']:.3f} (charlm / plain, medians)")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak:.0f} MiB, {torch.get_num_threads()} threads")
-    if abs(ours[1] - plain[1]) > 1e-4:
-        raise SystemExit(f"the final losses differ ({ours[1]} vs {plain[1]}): the two runs did not do the same work")
+    plain_loss, charlm_loss = results["plain"][0][1], results["charlm"][0][1]
+    if abs(plain_loss - charlm_loss) > 1e-4:
+        raise SystemExit(f"the final losses differ ({charlm_loss} vs {plain_loss}): the runs did not do the same work")
 
 
 if __name__ == "__main__":

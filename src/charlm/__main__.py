@@ -11,7 +11,9 @@ import sys
 import warnings
 from pathlib import Path
 
+import lightning as L
 import torch
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -44,6 +46,15 @@ class CharLMCLI(LightningCLI):
         # the data decides the vocabulary and the context length; the net is built to match
         parser.link_arguments("data.vocab_size", "model.net.init_args.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.block_size", "model.net.init_args.block_size")
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        config = self.config_init[self.subcommand]["trainer"]
+        callbacks = config.get("callbacks") or []
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            # Lightning's default bar (rich, when installed) redraws the terminal after every step: measured 1 ms a
+            # step on 2 cores, 4% of a gpt-cpu step; tqdm's costs about a tenth of that
+            kwargs["callbacks"] = [*callbacks, TQDMProgressBar()]
+        return super().instantiate_trainer(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning would let a checkpoint's stored hyperparameters override the config; here the config decides
