@@ -69,7 +69,7 @@ def plain_run(args) -> tuple[float, float]:
     decay = [p for p in net.parameters() if p.dim() >= 2]
     no_decay = [p for p in net.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=LR, betas=(0.9, BETA2))
+    optimizer = torch.optim.AdamW(groups, lr=LR, betas=(0.9, BETA2), fused=True)
 
     def lr_factor(step: int) -> float:
         if step < WARMUP:
