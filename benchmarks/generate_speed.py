@@ -6,7 +6,7 @@ as nanoGPT's sample.py does; with it, every step computes one position (plus a r
 block_size // 4 steps).
 
     python benchmarks/generate_speed.py [--new_tokens 2000] [--device cpu]
-    python benchmarks/generate_speed.py --n_layer 4 --n_head 4 --n_embd 128 --block_size 64   # configs/gpt-cpu.yaml
+    python benchmarks/generate_speed.py --n_layer 4 --n_head 4 --n_embd 128 --block_size 64   # nanoGPT CPU size
 """
 
 import argparse

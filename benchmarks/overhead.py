@@ -3,13 +3,14 @@
 Both train the same GPT (nanoGPT's CPU size by default: 4 layers, 4 heads, 128 wide, block 64, batch 12, learned
 positions) from the same initial weights on the same batches (charlm's RandomWindows, seed 1337) with the same
 AdamW and schedule, for the same number of steps. charlm runs through its own CLI, in this process, with the
-callbacks, the TensorBoard logging of every step and the progress bar that a user gets by default; only
-validation is off (`--trainer.limit_val_batches 0`), since the plain loop has none. Each side runs `--repeats`
-times, in alternating order, and the median run of each counts (this machine's speed drifts by 10-20% between runs of
-the same code, so one run of each would say little). Tokens/s is
-measured from the first logged step at or after `--skip` to the last step: TensorBoard's wall time of each
-logged step for charlm, time.time() at the end of the same steps for the loop. The final training losses must
-agree: the same work.
+callbacks, the TensorBoard logging (every 10 steps) and the progress bar that a user gets by default; only
+validation is off (`--trainer.limit_val_batches 0`), since the plain loop has none. Times are TensorBoard's wall
+time of each logged step for charlm, time.time() at the end of the same steps for the loop, from the first logged
+step at or after `--skip`. The final training losses must agree: the same work.
+
+This machine's speed drifts by 10-20% between runs of the same code, so each side runs `--repeats` times in
+alternating order, and there are two ratios: of the median runs, and of the 90th percentile of 10-step stretches
+(the machine at full speed; it leaves out the stretches with a checkpoint save).
 
     python benchmarks/overhead.py --data.path input.txt [--steps 300] [--repeats 5] [charlm fit flags]
 """
@@ -20,6 +21,7 @@ import resource
 import statistics
 import tempfile
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -34,8 +36,8 @@ LR, MIN_LR, WARMUP, WEIGHT_DECAY, BETA2 = 2e-3, 2e-4, 100, 0.1, 0.99
 LOG_EVERY = 10  # charlm's default --trainer.log_every_n_steps: its curves have a point every 10 steps
 
 
-def charlm_run(args, flags: list[str]) -> tuple[float, float]:
-    """(tokens/s, final training loss) of `python -m charlm fit` with the benchmark's sizes."""
+def charlm_run(args, flags: list[str]) -> tuple[list[tuple[int, float]], float]:
+    """(step, wall time) of every logged step from --skip on, and the final training loss, of `python -m charlm fit`."""
     with tempfile.TemporaryDirectory() as tmp:
         charlm_main(
             [
@@ -54,13 +56,11 @@ def charlm_run(args, flags: list[str]) -> tuple[float, float]:
         events = EventAccumulator(str(log_dir))
         events.Reload()
         losses = events.Scalars("train/loss")
-    first = next(e for e in losses if e.step >= args.skip)
-    seconds = losses[-1].wall_time - first.wall_time
-    return (losses[-1].step - first.step) * args.batch_size * args.block_size / seconds, losses[-1].value
+    return [(e.step, e.wall_time) for e in losses if e.step >= args.skip], losses[-1].value
 
 
-def plain_run(args) -> tuple[float, float]:
-    """(tokens/s, final training loss) of a minimal loop: batches, forward, backward, AdamW, schedule."""
+def plain_run(args) -> tuple[list[tuple[int, float]], float]:
+    """The same as charlm_run for a minimal loop: batches, forward, backward, AdamW, schedule."""
     datamodule = CharDataModule(args.data_path, args.block_size, args.batch_size)
     torch.manual_seed(SEED)
     net = GPT(
@@ -88,9 +88,9 @@ def plain_run(args) -> tuple[float, float]:
         optimizer.step()
         scheduler.step()
         done.append(time.time())
-    first = args.skip + (-(args.skip + 1) % LOG_EVERY)  # the first step charlm logs at or after skip
-    seconds = done[-1] - done[first]
-    return (args.steps - 1 - first) * args.batch_size * args.block_size / seconds, loss.item()
+    return [
+        (step, done[step]) for step in range(LOG_EVERY - 1, args.steps, LOG_EVERY) if step >= args.skip
+    ], loss.item()
 
 
 def main() -> None:
@@ -112,12 +112,21 @@ def main() -> None:
             results[name].append(plain_run(args) if name == "plain" else charlm_run(args, flags))
     sizes = f"{args.n_layer} layers, {args.n_head} heads, {args.n_embd} wide, block {args.block_size}"
     print(f"\nGPT {sizes}, batch {args.batch_size}; {args.steps} steps, timed from step {args.skip}")
-    median = {}
+    tokens_per_step = args.batch_size * args.block_size
+    whole, fast = {}, {}
     for name, runs in results.items():
-        median[name] = statistics.median(rate for rate, _ in runs)
-        rates = ", ".join(f"{rate:,.0f}" for rate, _ in runs)
-        print(f"{name:>7}: {median[name]:8,.0f} tokens/s median (runs: {rates}), final train loss {runs[0][1]:.4f}")
-    print(f"  ratio: {median['charlm'] / median['plain']:.3f} (charlm / plain, medians)")
+        rates = [(ends[-1][0] - ends[0][0]) * tokens_per_step / (ends[-1][1] - ends[0][1]) for ends, _ in runs]
+        intervals = [
+            (s1 - s0) * tokens_per_step / (t1 - t0) for ends, _ in runs for (s0, t0), (s1, t1) in pairwise(ends)
+        ]
+        whole[name], fast[name] = statistics.median(rates), statistics.quantiles(intervals, n=10)[-1]
+        listed = ", ".join(f"{rate:,.0f}" for rate in rates)
+        print(f"{name:>7}: {whole[name]:8,.0f} tokens/s, median run (runs: {listed}); {fast[name]:,.0f} in the fastest")
+        print(f"         10% of {LOG_EVERY}-step stretches; final train loss {runs[0][1]:.4f}")
+    ratios = (
+        f"{whole['charlm'] / whole['plain']:.3f} (median runs), {fast['charlm'] / fast['plain']:.3f} (fast stretches)"
+    )
+    print(f"  ratio charlm / plain: {ratios}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak:.0f} MiB, {torch.get_num_threads()} threads")
     plain_loss, charlm_loss = results["plain"][0][1], results["charlm"][0][1]
