@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from charlm.models import GPT, Bigram
-from charlm.sampling import generate, pick_next
+from charlm.sampling import generate, load_net, pick_next
 
 
 @pytest.fixture(params=["rope", "learned"])
@@ -72,3 +72,20 @@ def test_top_k_and_top_p_compose():
     assert picks(top_k=2, top_p=0.3) == {0}
     assert picks() == {0, 1, 2, 3, 4}
     assert pick_next(logits, 0.0).item() == 0  # temperature 0 is greedy
+
+
+def test_a_checkpoint_from_before_rotary_positions_still_loads(tmp_path):
+    """Checkpoints saved before `pos_emb` existed have no such argument and hold learned position embeddings."""
+    torch.manual_seed(0)
+    old = GPT(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=32, pos_emb="learned").eval()
+    init_args = {k: v for k, v in old.config.items() if k != "pos_emb"}
+    ckpt = {
+        "hyper_parameters": {"net": {"class_path": "charlm.models.GPT", "init_args": init_args}},
+        "CharDataModule": {"chars": "abcdefghijklmnopqrst"},
+        "state_dict": {f"net.{k}": v for k, v in old.state_dict().items()},
+    }
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    net, tokenizer = load_net(tmp_path / "old.ckpt")
+    idx = torch.randint(20, (1, 16))
+    assert torch.equal(net(idx)[0], old(idx)[0])
+    assert tokenizer.vocab_size == 20

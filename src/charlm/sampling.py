@@ -96,6 +96,9 @@ def load_net(ckpt_path: Path, device: torch.device | str = "cpu") -> tuple[CharM
         state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     except (KeyError, TypeError) as e:
         raise ValueError(f"{ckpt_path} is not a charlm checkpoint (no {e}): pass a .ckpt file charlm saved") from None
-    net = cls(**net_config["init_args"])
+    init_args = net_config["init_args"]
+    if cls is GPT:
+        init_args = {"pos_emb": "learned"} | init_args  # checkpoints from before pos_emb existed learned positions
+    net = cls(**init_args)
     net.load_state_dict(state)
     return net.to(device).eval(), CharTokenizer(chars)
