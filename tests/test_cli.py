@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, charlm, scalars, tiny
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from charlm.__main__ import main
 
@@ -43,6 +44,13 @@ def test_fit_writes_checkpoints_logs_and_samples_under_the_working_directory(tra
     assert logs["val/loss"][-1][1] < logs["train/loss"][0][1]  # it learned something in 4 steps
     assert len(logs["train/lr"]) == 4
     assert (cwd / "logs/gpt-cpu/version_0/config.yaml").is_file()
+    assert [step for step, _ in logs["train/tokens_per_sec"]] == [1, 2, 3]  # from the second logged step on
+    assert all(rate > 0 for _, rate in logs["train/tokens_per_sec"])
+    # the HPARAMS tab: the run's hyperparameters, with the final exact val loss as its metric (not -1)
+    events = EventAccumulator(str(cwd / "logs/gpt-cpu/version_0"))
+    events.Reload()
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
+    assert logs["hp_metric"][-1] == logs["val/loss"][-1]
 
 
 def test_checkpoint_is_self_describing_and_loads_with_weights_only(trained):

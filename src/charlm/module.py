@@ -1,6 +1,7 @@
 """The LightningModule: loss, logging, the optimizer and the learning-rate schedule around an injected net."""
 
 import math
+import time
 
 import lightning as L
 import torch
@@ -46,6 +47,10 @@ class CharLM(L.LightningModule):
         self.hparams["net"] = {"class_path": f"{type(net).__module__}.{type(net).__name__}", "init_args": net.config}
         self.eval_loss = MeanMetric()
         self.saved_rng_states: dict | None = None
+        self.log_window_start: float | None = None  # when the current train/tokens_per_sec window started
+        self.tokens_since_log = 0
+        self.validation_seconds = 0.0  # validation time in the window, left out of the throughput
+        self.validation_start = 0.0
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -56,11 +61,17 @@ class CharLM(L.LightningModule):
                 f"the training loss is {loss.item()} at step {self.global_step + 1}: stopped; the checkpoints saved "
                 "so far are kept: lower --model.lr, or check the data"
             )
+        self.tokens_since_log += x.numel() * self.trainer.world_size
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             # only on the steps the logger writes (as Lightning decides them): self.log costs about 1 ms a call on
             # a CPU, a few percent of a small model's step
             self.log("train/loss", loss, prog_bar=True)
             self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+            now = time.perf_counter()
+            if self.log_window_start is not None:  # training tokens per second since the last logged step
+                seconds = now - self.log_window_start - self.validation_seconds
+                self.log("train/tokens_per_sec", self.tokens_since_log / seconds)
+            self.log_window_start, self.tokens_since_log, self.validation_seconds = now, 0, 0.0
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -68,6 +79,13 @@ class CharLM(L.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._eval_step(batch)
+
+    def on_validation_start(self) -> None:
+        self.validation_start = time.perf_counter()
+
+    def on_validation_end(self) -> None:
+        # after the callbacks' on_validation_end, so the samples and checkpoints of a validation count as validation
+        self.validation_seconds += time.perf_counter() - self.validation_start
 
     def on_validation_epoch_end(self):
         self._log_eval("val")
@@ -91,6 +109,8 @@ class CharLM(L.LightningModule):
             )
         self.log(f"{split}/loss", loss, prog_bar=True)
         self.log(f"{split}/bpc", loss / math.log(2))
+        if split == "val":
+            self.log("hp_metric", loss)  # TensorBoard's HPARAMS tab shows the latest: the final exact val loss
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # dropout draws from the global generators: with their states saved, a resumed run draws what this one would
