@@ -49,8 +49,9 @@ def tiny(corpus, max_steps=4) -> list[str]:
     ]  # fmt: skip
 
 
-def charlm(*args, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "charlm", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+def charlm(*args, cwd, env=None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "charlm", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def scalars(log_dir) -> dict[str, list[tuple[int, float]]]:

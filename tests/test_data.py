@@ -46,6 +46,20 @@ def test_train_batches_depend_on_seed_and_batch_number_only():
     assert not torch.equal(first[0][0], other_seed[0])
 
 
+def test_ranks_share_each_batch_of_the_single_process_run():
+    data = torch.arange(1000)
+    whole = next(iter(RandomWindows(data, block_size=8, batch_size=8, seed=7)))[0]
+    shares = [next(iter(RandomWindows(data, 8, 4, seed=7, rank=r, world_size=2)))[0] for r in (0, 1)]
+    assert torch.equal(torch.cat(shares), whole)
+
+
+def test_validation_windows_pad_to_a_multiple_with_windows_that_count_for_nothing():
+    data = torch.arange(1, 24)  # 3 windows of 8, padded to 4 for e.g. two ranks
+    x, y = validation_windows(data, block_size=8, multiple=2).tensors
+    assert x.shape == (4, 8)
+    assert torch.equal(y[y != IGNORE_INDEX], data[1:])
+
+
 def test_validation_windows_predict_every_token_exactly_once():
     data = torch.arange(1, 24)  # 23 tokens: 22 targets, 3 windows of 8 with the last padded
     windows = validation_windows(data, block_size=8)

@@ -1,6 +1,7 @@
 """CharLM and CharDataModule under a real Trainer."""
 
 import math
+import warnings
 
 import lightning as L
 import pytest
@@ -8,9 +9,10 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.nn import functional as F
+from torch.utils.data import DataLoader
 
 from charlm.callbacks import GenerationCallback
-from charlm.data import CharDataModule
+from charlm.data import CharDataModule, validation_windows
 from charlm.models import GPT, Bigram
 from charlm.module import CharLM
 
@@ -44,6 +46,13 @@ def test_validation_loss_is_the_exact_mean_over_every_validation_token(corpus, t
     expected = total / (len(val) - 1)
     assert metrics["val/loss"] == pytest.approx(expected, rel=1e-5)
     assert metrics["val/bpc"] == pytest.approx(expected / math.log(2), rel=1e-5)
+
+    # DDP pads the windows to a multiple of the world size, so a rank may get a batch of padding only: it adds nothing
+    windows = validation_windows(val, 48, multiple=len(val) // 48 + 2)  # the real windows, then one of padding
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "Encountered `nan`")
+        [padded] = trainer(tmp_path).validate(CharLM(net), DataLoader(windows, batch_size=len(val) // 48 + 1))
+    assert padded["val/loss"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_fit_learns_a_tiny_text_with_warmup_then_cosine_decay(tiny_text, tmp_path):

@@ -3,6 +3,7 @@
 Data flows one way: text file -> CharTokenizer -> token tensor -> 90/10 split -> batches.
 Training draws random windows; validation walks the whole validation split in fixed windows, so the validation
 loss is an exact number, the same every time for the same weights.
+With several processes (DDP), each rank takes its own share of every training batch and of the validation windows.
 """
 
 import hashlib
@@ -70,35 +71,51 @@ class RandomWindows:
 
     Batch number n comes from a generator seeded with (seed, n), so the whole sequence of batches is fixed by the
     seed, and a run resumed at step n draws from batch n on, exactly the batches an uninterrupted run would have.
+    With `world_size` processes the generator draws world_size * batch_size windows and rank r takes the r-th
+    batch_size of them: the ranks train on different windows, together the batch one process of that size would draw.
     One "epoch" is as many batches as it takes to draw the training split's token count once.
     """
 
-    def __init__(self, data: torch.Tensor, block_size: int, batch_size: int, seed: int, start: int = 0):
+    def __init__(
+        self,
+        data: torch.Tensor,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.data = data
         self.batch_size = batch_size
         self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
         self.offsets = torch.arange(block_size + 1)
         self.num_starts = len(data) - block_size
         self.next_batch = start
 
     def __len__(self) -> int:
-        return max(1, len(self.data) // (self.batch_size * (len(self.offsets) - 1)))
+        return max(1, len(self.data) // (self.world_size * self.batch_size * (len(self.offsets) - 1)))
 
     def __iter__(self):
         for _ in range(len(self)):
             generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.next_batch) % 2**63)
             self.next_batch += 1
-            starts = torch.randint(self.num_starts, (self.batch_size, 1), generator=generator)
+            starts = torch.randint(self.num_starts, (self.world_size * self.batch_size, 1), generator=generator)
+            starts = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
             windows = self.data[starts + self.offsets]  # (B, T + 1), gathered in one indexing op
             yield windows[:, :-1], windows[:, 1:]
 
 
-def validation_windows(data: torch.Tensor, block_size: int) -> TensorDataset:
+def validation_windows(data: torch.Tensor, block_size: int, multiple: int = 1) -> TensorDataset:
     """Consecutive non-overlapping windows that predict every token of `data` after the first exactly once.
 
-    The last window is padded; its padded targets are IGNORE_INDEX so they add nothing to the loss.
+    The last window is padded, and whole padding windows are added up to a multiple of `multiple` windows; padded
+    targets are IGNORE_INDEX, so they add nothing to the loss. A multiple of the world size is what DDP needs:
+    Lightning's DistributedSampler then splits the windows evenly instead of repeating some to even the shares.
     """
-    n = math.ceil((len(data) - 1) / block_size)
+    n = math.ceil(math.ceil((len(data) - 1) / block_size) / multiple) * multiple
     x = torch.zeros(n * block_size, dtype=torch.long)
     y = torch.full((n * block_size,), IGNORE_INDEX, dtype=torch.long)
     x[: len(data) - 1] = data[:-1]
@@ -150,12 +167,17 @@ class CharDataModule(L.LightningDataModule):
         return self.tokenizer.vocab_size
 
     def train_dataloader(self) -> RandomWindows:
-        # torch.initial_seed() is the run's seed (seed_everything sets it); a resumed run's trainer is at its step
-        start = self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer else 0
-        return RandomWindows(self.train_data, self.block_size, self.batch_size, torch.initial_seed(), start)
+        # torch.initial_seed() is the run's seed (seed_everything sets it); a resumed run's trainer is at its step.
+        # Every rank has the same seed (LightningCLI seeds them all alike) and takes its own share of each batch
+        trainer = self.trainer
+        start = trainer.global_step * trainer.accumulate_grad_batches if trainer else 0
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        seed = torch.initial_seed()
+        return RandomWindows(self.train_data, self.block_size, self.batch_size, seed, start, rank, world_size)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(validation_windows(self.val_data, self.block_size), batch_size=self.batch_size)
+        world_size = self.trainer.world_size if self.trainer else 1
+        return DataLoader(validation_windows(self.val_data, self.block_size, world_size), batch_size=self.batch_size)
 
     def test_dataloader(self) -> DataLoader:
         # the 90/10 convention keeps no third split: `test` reports the validation split as test/loss

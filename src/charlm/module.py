@@ -96,8 +96,10 @@ class CharLM(L.LightningModule):
     def _eval_step(self, batch) -> None:
         x, y = batch
         _, loss = self.net(x, y)
-        # weight each batch's mean loss by its real (unpadded) targets: the result is the exact per-token mean
-        self.eval_loss.update(loss, weight=(y != IGNORE_INDEX).sum())
+        # weight each batch's mean loss by its real (unpadded) targets: the result is the exact per-token mean.
+        # A batch of padding only (possible on one rank under DDP) has a NaN mean and weight 0: it adds 0 (torchmetrics
+        # would drop the NaN itself, but warn about it)
+        self.eval_loss.update(loss.nan_to_num(), weight=(y != IGNORE_INDEX).sum())
 
     def _log_eval(self, split: str) -> None:
         loss = self.eval_loss.compute()
@@ -107,10 +109,12 @@ class CharLM(L.LightningModule):
                 f"the {split} loss is {loss.item()} after step {self.global_step}: stopped; the checkpoints saved "
                 "so far are kept: lower --model.lr, or check the data"
             )
-        self.log(f"{split}/loss", loss, prog_bar=True)
-        self.log(f"{split}/bpc", loss / math.log(2))
-        if split == "val":
-            self.log("hp_metric", loss)  # TensorBoard's HPARAMS tab shows the latest: the final exact val loss
+        # under DDP, compute() sums every rank's share, so each rank holds the same exact loss: sync_dist averages
+        # equal values (and keeps Lightning from warning that epoch-level values are not synced)
+        self.log(f"{split}/loss", loss, prog_bar=True, sync_dist=True)
+        self.log(f"{split}/bpc", loss / math.log(2), sync_dist=True)
+        if split == "val":  # TensorBoard's HPARAMS tab shows the latest: the final exact val loss
+            self.log("hp_metric", loss, sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # dropout draws from the global generators: with their states saved, a resumed run draws what this one would
