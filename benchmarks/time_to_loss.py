@@ -33,9 +33,6 @@ def process_start_time() -> float:
         return SCRIPT_START
 
 
-SCRIPT_START = time.time()
-
-
 def main() -> None:
     start = process_start_time()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -1,12 +1,16 @@
 """End to end: `python -m charlm` as a person runs it, in a subprocess, on the real corpus, with a tiny GPT."""
 
+import io
+import os
 import re
 import sys
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from conftest import ROOT, charlm, scalars, tiny
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from charlm.__main__ import main
@@ -118,6 +122,7 @@ def files_and_contents(folder) -> dict:
         (["--data.block_size", "0"], "--data.block_size 0 and --data.batch_size 64 must both be >= 1"),
         (["--model.net.init_args.dropout", "1.0"], "dropout=1.0 is outside [0, 1)"),
         (["--model.lr", "0"], "--model.lr 0.0 must be > 0"),
+        (["--generation.max_new_tokens", "-1"], "--generation.max_new_tokens -1 must be >= 0"),
         (["--trainer.max_steps", "0"], "--trainer.max_steps 0: training is step-based, set it to >= 1"),
         (
             ["--model.net.init_args.n_embd", "48"],
@@ -181,6 +186,45 @@ def test_every_config_parses(capsys, name):
     config = resolved_config(capsys, "--config", str(ROOT / f"configs/{name}.yaml"))
     assert config["checkpoint"]["dirpath"] == f"checkpoints/{name}"
     assert config["trainer"]["logger"]["init_args"]["name"] == name
+
+
+def test_fit_logs_the_picture_that_the_attention_command_draws(trained, corpus):
+    cwd, *_ = trained
+    events = EventAccumulator(str(cwd / "logs/gpt-cpu/version_0"), size_guidance={"images": 0})
+    events.Reload()
+    logged = events.Images("attention")
+    assert [image.step for image in logged] == [2, 4]  # at each validation
+    text = corpus.read_text()
+    val_start = text[int(0.9 * len(text)) :][:64]  # the default text: the start of the validation split
+    result = charlm("attention", "--ckpt_path", "last", "--prompt", val_start, "--out", "picture.png", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "charlm: wrote picture.png: 1 x 2 panels (layers x heads)",
+        "charlm: the text is longer than a picture fits: showing the first 32 of its 64 characters",  # block_size 32
+    ]
+    # the final checkpoint's picture is the one logged at the last step, pixel for pixel
+    drawn = np.asarray(Image.open(cwd / "picture.png"))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(logged[-1].encoded_image_string))), drawn)
+    assert drawn.shape[0] > 12 * 32 and drawn.shape[1] > 2 * 12 * 32  # 32 characters of 12 pixels, 2 heads wide
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--out", "picture.jpg"], "--out picture.jpg: the picture is a PNG: give a file name ending in .png"),
+        (["--out", "no/such/picture.png"], "--out no/such/picture.png: the folder no/such does not exist"),
+        (["--prompt", "Zoë"], "the prompt has characters ['ë'] that are not among the model's 65"),
+        (["--ckpt_path", "nowhere.ckpt"], "--ckpt_path nowhere.ckpt does not exist"),
+    ],
+)
+def test_attention_bad_input_is_one_line_error_and_keeps_the_old_picture(trained, monkeypatch, flags, message):
+    cwd, *_ = trained
+    monkeypatch.chdir(cwd)
+    (cwd / "old.png").write_bytes(b"an earlier picture")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["attention", "--ckpt_path", "last", "--prompt", "ROMEO:", "--out", "old.png", *flags])
+    assert message in str(exit_info.value.code) and "\n" not in str(exit_info.value.code)
+    assert (cwd / "old.png").read_bytes() == b"an earlier picture"
 
 
 def test_generate_streams_text_from_the_last_checkpoint_to_stdout_only(trained):
@@ -283,3 +327,23 @@ def test_generate_from_a_bigram_checkpoint(corpus, tmp_path, capsys, monkeypatch
     main(["generate", "--ckpt_path", "checkpoints/bigram/last.ckpt", "--prompt", "KING", "--max_new_tokens", "30"])
     out = capsys.readouterr().out
     assert out.startswith("KING") and len(out) == 4 + 30 + 1
+    with pytest.raises(SystemExit) as exit_info:
+        main(["attention", "--ckpt_path", "checkpoints/bigram/last.ckpt", "--prompt", "KING"])
+    assert str(exit_info.value.code) == (
+        "charlm: error: --ckpt_path checkpoints/bigram/last.ckpt holds a Bigram, which has no attention: pass a GPT's"
+    )
+    assert not (tmp_path / "attention.png").exists()
+
+
+def test_a_compiled_run_saves_checkpoints_that_load_without_compile(corpus, tmp_path):
+    args = [*tiny(corpus, max_steps=2), "--trainer.limit_val_batches", "2", "--generation.max_new_tokens", "0"]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    result = charlm("fit", *args, "--model.compile", "true", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert any((tmp_path / "inductor").rglob("*.py"))  # torch.compile generated code: it did compile
+    assert "--- sample" not in result.stdout  # --generation.max_new_tokens 0 turns the samples off
+    compiled = scalars(tmp_path / "logs/gpt-cpu/version_0")["val/loss"][-1][1]
+
+    result = charlm("validate", *args, "--ckpt_path", "last", cwd=tmp_path)  # eager
+    assert result.returncode == 0, result.stderr
+    assert scalars(tmp_path / "logs/gpt-cpu/version_1")["val/loss"][-1][1] == pytest.approx(compiled, abs=1e-4)

@@ -34,6 +34,27 @@ def test_rope_attention_depends_on_relative_positions_only():
     assert "wpe.weight" not in model.state_dict()  # nothing learned about positions, nothing saved
 
 
+@pytest.mark.parametrize("pos_emb", ["rope", "learned"])
+def test_attention_weights_are_those_of_the_forward_pass(pos_emb):
+    torch.manual_seed(0)
+    model = tiny_gpt(pos_emb=pos_emb, dropout=0.1)
+    idx = torch.randint(20, (2, 16))
+    weights = model.attention(idx)  # (n_layer, B, n_head, T, T), taken in eval mode
+    assert weights.shape == (2, 2, 2, 16, 16)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 2, 2, 16))
+    assert torch.all(weights.triu(1) == 0)  # causal: nothing from later characters
+    assert model.training  # the mode and the fast path are back as they were
+    assert all(not block.attn.keep_weights and block.attn.weights is None for block in model.h)
+
+    # the written-out attention that keeps the weights computes what SDPA computes
+    model.eval()
+    fast = model(idx)[0]
+    for block in model.h:
+        block.attn.keep_weights = True
+    assert (model(idx)[0] - fast).abs().max().item() < 1e-5
+    assert torch.equal(torch.stack([block.attn.weights for block in model.h]), weights)
+
+
 def test_lm_head_is_tied_to_token_embedding():
     model = tiny_gpt()
     assert model.lm_head.weight is model.wte.weight

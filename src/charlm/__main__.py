@@ -1,12 +1,14 @@
-"""`python -m charlm fit|validate|test|generate`.
+"""`python -m charlm fit|validate|test|generate|attention`.
 
 fit, validate and test are Lightning's own LightningCLI over CharLM and CharDataModule: the flags are the
 `__init__` signatures, `--model.*` (CharLM, with the net under `--model.net`), `--data.*` (CharDataModule),
-`--trainer.*`, `--checkpoint.*` (ResumableCheckpoint, a ModelCheckpoint) and `--generation.*` (GenerationCallback).
-generate needs neither a trainer nor data, only a checkpoint, so it has its own small parser.
+`--trainer.*`, `--checkpoint.*` (ResumableCheckpoint, a ModelCheckpoint), `--generation.*` (GenerationCallback) and
+`--attention.*` (AttentionCallback).
+generate and attention need neither a trainer nor data, only a checkpoint, so they have their own small parsers.
 """
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -17,9 +19,11 @@ from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from charlm.callbacks import GenerationCallback
+from charlm.attention import attention_picture
+from charlm.callbacks import AttentionCallback, GenerationCallback
 from charlm.checkpointing import ResumableCheckpoint, lock_folder, read_checkpoint
-from charlm.data import CharDataModule
+from charlm.data import CharDataModule, CharTokenizer
+from charlm.models import GPT, CharModel
 from charlm.module import CharLM
 from charlm.sampling import generate, load_net
 
@@ -32,6 +36,7 @@ class CharLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
         parser.add_lightning_class_args(GenerationCallback, "generation")
+        parser.add_lightning_class_args(AttentionCallback, "attention")
         parser.set_defaults(
             {
                 "model.net": {"class_path": "charlm.models.GPT"},
@@ -155,28 +160,34 @@ def bounded(kind: type, low: float, high: float | None = None, low_open: bool = 
     return parse
 
 
-def generate_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="charlm generate", description="Stream text from a trained checkpoint (the checkpoint is all it needs)."
-    )
+def checkpoint_parser(command: str, description: str, prompt_help: str) -> argparse.ArgumentParser:
+    """The arguments that generate and attention share: a checkpoint, a prompt and a device."""
+    parser = argparse.ArgumentParser(prog=f"charlm {command}", description=description)
     parser.add_argument(
         "--ckpt_path",
         required=True,
         help="a .ckpt file, a folder of checkpoints, or last / best: the newest run under checkpoints/",
     )
     prompt = parser.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", default="", help="text to continue (default: a newline)")
+    prompt.add_argument("--prompt", default="", help=prompt_help)
     prompt.add_argument("--prompt_file", type=Path, help="read the prompt from this UTF-8 file")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument(
+        "--unknown", choices=["error", "skip"], default="error", help="prompt characters the model never saw"
+    )
+    return parser
+
+
+def generate_parser() -> argparse.ArgumentParser:
+    parser = checkpoint_parser(
+        "generate", "Stream text from a trained checkpoint (the checkpoint is all it needs).", "text to continue"
+    )
     parser.add_argument("--max_new_tokens", type=bounded(int, 0), default=500, help="characters to generate")
     parser.add_argument("--temperature", type=bounded(float, 0), default=0.8, help="0 is greedy (argmax)")
     parser.add_argument("--top_k", type=bounded(int, 1), help="sample among the k most likely characters")
     parser.add_argument("--top_p", type=bounded(float, 0, 1, low_open=True), help="nucleus: smallest set reaching p")
     parser.add_argument("--num_samples", type=bounded(int, 1), default=1, help="independent samples, one after another")
     parser.add_argument("--seed", type=int, default=1337, help="same seed, checkpoint, arguments and device: same text")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument(
-        "--unknown", choices=["error", "skip"], default="error", help="prompt characters the model never saw"
-    )
     return parser
 
 
@@ -203,8 +214,8 @@ def find_checkpoint(ckpt_path: str) -> Path:
     return Path(best[0])
 
 
-def generate_command(argv: list[str]) -> None:
-    args = generate_parser().parse_args(argv)
+def load_for(args: argparse.Namespace) -> tuple[Path, CharModel, str, CharTokenizer, str]:
+    """The checkpoint, its net, the device, the tokenizer and the prompt that checkpoint_parser's arguments name."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is available here: use --device cpu or auto")
@@ -218,7 +229,12 @@ def generate_command(argv: list[str]) -> None:
             f"the prompt has characters {unknown!r} that are not among the model's {tokenizer.vocab_size}: "
             "change the prompt, or pass --unknown skip to drop them"
         )
-    prompt = "".join(c for c in prompt if c in tokenizer.stoi)
+    return ckpt_path, net, device, tokenizer, "".join(c for c in prompt if c in tokenizer.stoi)
+
+
+def generate_command(argv: list[str]) -> None:
+    args = generate_parser().parse_args(argv)
+    ckpt_path, net, device, tokenizer, prompt = load_for(args)
     print(f"charlm: sampling from {ckpt_path} on {device}", file=sys.stderr)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     idx = torch.tensor([tokenizer.encode(prompt)], device=device)
@@ -233,6 +249,32 @@ def generate_command(argv: list[str]) -> None:
         sys.stdout.write("\n")
 
 
+def attention_command(argv: list[str]) -> None:
+    parser = checkpoint_parser(
+        "attention",
+        "Save a picture of a GPT checkpoint's attention over a text: every layer and head, characters on both axes.",
+        "the text to look at",
+    )
+    parser.add_argument("--out", type=Path, default=Path("attention.png"), help="the PNG file to write")
+    args = parser.parse_args(argv)
+    out = args.out
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out {out}: the picture is a PNG: give a file name ending in .png")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: the folder {out.parent} does not exist: create it, or write elsewhere")
+    ckpt_path, net, _, tokenizer, prompt = load_for(args)
+    if not isinstance(net, GPT):
+        raise ValueError(f"--ckpt_path {ckpt_path} holds a {type(net).__name__}, which has no attention: pass a GPT's")
+    image, note = attention_picture(net, tokenizer, prompt)
+    tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed: never a half-written picture
+    image.save(tmp, format="PNG", optimize=True)
+    os.replace(tmp, out)
+    n_layer, n_head = net.config["n_layer"], net.config["n_head"]
+    print(f"charlm: wrote {out}: {n_layer} x {n_head} panels (layers x heads)", file=sys.stderr)
+    if note:
+        print(f"charlm: the text is longer than a picture fits: {note}", file=sys.stderr)
+
+
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     # Lightning's resume warnings do not apply: training batch n comes from (seed, n) alone, and a fresh run into a
@@ -242,6 +284,9 @@ def main(args: list[str] | None = None) -> None:
     try:
         if argv[:1] == ["generate"]:
             generate_command(argv[1:])
+            return
+        if argv[:1] == ["attention"]:
+            attention_command(argv[1:])
             return
         CharLMCLI(
             CharLM,

@@ -1,10 +1,20 @@
-"""Training-time callbacks."""
+"""Training-time callbacks: text samples and attention pictures after each validation."""
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from charlm.attention import MAX_CHARS, attention_picture
+from charlm.data import CharTokenizer
+from charlm.models import GPT
 from charlm.sampling import generate
+
+
+def check_prompt(prompt: str, tokenizer: CharTokenizer, flag: str) -> None:
+    unknown = sorted(set(prompt) - set(tokenizer.chars))
+    if unknown:
+        raise ValueError(f"{flag} has characters {unknown!r} that are not in the corpus: change it")
 
 
 class GenerationCallback(L.Callback):
@@ -14,7 +24,7 @@ class GenerationCallback(L.Callback):
 
     Args:
         prompt: the text the samples continue; every character must be in the corpus.
-        max_new_tokens: characters to generate.
+        max_new_tokens: characters to generate; 0 turns the samples off.
         temperature: sampling temperature; 0 picks the most likely character.
         top_k: sample only among the k most likely characters (None: all).
         seed: seed of the sampling generator (the training random state is left alone).
@@ -28,6 +38,8 @@ class GenerationCallback(L.Callback):
         top_k: int | None = None,
         seed: int = 1337,
     ):
+        if max_new_tokens < 0:
+            raise ValueError(f"--generation.max_new_tokens {max_new_tokens} must be >= 0 (0 turns the samples off)")
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -35,14 +47,10 @@ class GenerationCallback(L.Callback):
         self.seed = seed
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        unknown = sorted(set(self.prompt) - set(trainer.datamodule.tokenizer.chars))
-        if unknown:
-            raise ValueError(
-                f"the sample prompt has characters {unknown!r} that are not in the corpus: change --generation.prompt"
-            )
+        check_prompt(self.prompt, trainer.datamodule.tokenizer, "--generation.prompt")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.sanity_checking or not trainer.is_global_zero or self.max_new_tokens == 0:
             return
         tokenizer = trainer.datamodule.tokenizer
         net = pl_module.net
@@ -52,10 +60,40 @@ class GenerationCallback(L.Callback):
         net.eval()
         with trainer.precision_plugin.forward_context():
             tokens = generate(net, idx, self.max_new_tokens, self.temperature, self.top_k, generator=generator)
-            text = self.prompt + tokenizer.decode(torch.cat(list(tokens), dim=1)[0].tolist())
+            text = tokenizer.decode(torch.cat([idx, *tokens], dim=1)[0].tolist())
         net.train(was_training)
         print(f"\n--- sample at step {trainer.global_step} ---\n{text}\n---", flush=True)
         if isinstance(trainer.logger, TensorBoardLogger):
             # TensorBoard renders text as markdown: indenting by four spaces keeps the line breaks
             indented = "\n".join("    " + line for line in text.split("\n"))
             trainer.logger.experiment.add_text("samples", indented, global_step=trainer.global_step)
+
+
+class AttentionCallback(L.Callback):
+    """After each validation, log a picture of the GPT's attention over a fixed text to TensorBoard (IMAGES tab).
+
+    Every layer and head, from the model's own forward pass (see `charlm.attention`); nothing for the bigram.
+
+    Args:
+        prompt: the text; by default the first 64 characters of the validation split.
+    """
+
+    def __init__(self, prompt: str | None = None):
+        if prompt == "":
+            raise ValueError("--attention.prompt is empty: give some text, or leave it out for the validation text")
+        self.prompt = prompt
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.prompt is not None:
+            check_prompt(self.prompt, trainer.datamodule.tokenizer, "--attention.prompt")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        logger = trainer.logger
+        if trainer.sanity_checking or not trainer.is_global_zero or not isinstance(logger, TensorBoardLogger):
+            return
+        if not isinstance(pl_module.net, GPT):
+            return
+        tokenizer = trainer.datamodule.tokenizer
+        text = self.prompt or tokenizer.decode(trainer.datamodule.val_data[:MAX_CHARS].tolist())
+        image, _ = attention_picture(pl_module.net, tokenizer, text)
+        logger.experiment.add_image("attention", np.asarray(image), trainer.global_step, dataformats="HWC")

@@ -7,7 +7,8 @@ Notable features of the GPT, following nanoGPT:
 - residual projections start smaller by 1/sqrt(2 * n_layer), per GPT-2, so the residual stream does not grow with depth;
 - positions are learned embeddings (nanoGPT) or rotary embeddings (RoPE, `pos_emb="rope"`) that rotate queries and
   keys by their position, so attention scores depend on relative distance;
-- an opt-in key/value cache for generation (`set_kv_cache` / `clear_kv_cache`).
+- an opt-in key/value cache for generation (`set_kv_cache` / `clear_kv_cache`);
+- `attention(idx)`: the attention weights of every layer and head, from the model's own forward pass.
 Nothing here knows about Lightning, files or the command line.
 """
 
@@ -78,6 +79,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # set by GPT.set_kv_cache
+        self.keep_weights = False  # set by GPT.attention: compute the weights explicitly and keep them
+        self.weights: torch.Tensor | None = None  # (B, nh, T, S) from the last forward with keep_weights
 
     def forward(self, x: torch.Tensor, pos: int = 0, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
         B, T, C = x.size()
@@ -93,12 +96,18 @@ class CausalSelfAttention(nn.Module):
             v_cache[:B, :, pos : pos + T] = v
             k, v = k_cache[:B, :, : pos + T], v_cache[:B, :, : pos + T]  # (B, nh, S, hs)
         S = k.size(2)
-        # query i sits at position S - T + i and sees keys 0 .. S - T + i; a single query sees every key
-        mask = None if T in (1, S) else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=T == S and T > 1
-        )  # (B, nh, T, hs)
+        if self.keep_weights:  # what SDPA computes, written out, since SDPA does not return the weights
+            visible = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, nh, T, S)
+            self.weights = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+            y = F.dropout(self.weights, dropout) @ v
+        else:
+            # query i sits at position S - T + i and sees keys 0 .. S - T + i; a single query sees every key
+            mask = None if T in (1, S) else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=T == S and T > 1
+            )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -215,6 +224,22 @@ class GPT(CharModel):
         for block in self.h:
             x = block(x, pos, rope)
         return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+
+    @torch.no_grad()
+    def attention(self, idx: torch.Tensor) -> torch.Tensor:
+        """The attention weights (n_layer, B, n_head, T, T) of a forward pass over idx (B, T) in eval mode: in each
+        (T, T) map, row i is how much the character at i attends to each character 0 .. i."""
+        was_training = self.training
+        self.eval()
+        for block in self.h:
+            block.attn.keep_weights = True
+        try:
+            self(idx)
+            return torch.stack([block.attn.weights for block in self.h])
+        finally:
+            for block in self.h:
+                block.attn.keep_weights, block.attn.weights = False, None
+            self.train(was_training)
 
     def set_kv_cache(self, batch_size: int) -> None:
         """Keep each layer's keys and values for up to block_size positions, so that a forward pass at `pos`

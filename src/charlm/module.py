@@ -21,6 +21,7 @@ class CharLM(L.LightningModule):
         warmup_steps: optimizer steps of linear warmup from 0 to lr.
         weight_decay: AdamW weight decay, applied to matrices only (not to biases or norms).
         beta2: AdamW's second-moment decay; 0.95 suits short runs, 0.99 small batches over long ones (nanoGPT).
+        compile: run the net's training and validation passes through `torch.compile` (generation stays eager).
     """
 
     def __init__(
@@ -31,6 +32,7 @@ class CharLM(L.LightningModule):
         warmup_steps: int = 100,
         weight_decay: float = 0.1,
         beta2: float = 0.95,
+        compile: bool = False,
     ):
         super().__init__()
         if not isinstance(net, CharModel):
@@ -42,6 +44,10 @@ class CharLM(L.LightningModule):
         if warmup_steps < 0:
             raise ValueError(f"--model.warmup_steps {warmup_steps} must be >= 0")
         self.net = net
+        # the net's forward, not the LightningModule, is compiled (Lightning 2.6.6 crashes on a compiled module that
+        # logs), and not the net as a module: generation's one-position cached steps would each need a new graph.
+        # The net's parameter names stay the same, so checkpoints load with or without compile
+        self.net_forward = torch.compile(net.forward) if compile else net.forward
         # plain values only (the net as class path and arguments), so checkpoints load with weights_only=True
         self.save_hyperparameters(ignore=["net"])
         self.hparams["net"] = {"class_path": f"{type(net).__module__}.{type(net).__name__}", "init_args": net.config}
@@ -54,7 +60,7 @@ class CharLM(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        _, loss = self.net(x, y)
+        _, loss = self.net_forward(x, y)
         if not torch.isfinite(loss):
             # stop before the optimizer step: the weights and every checkpoint already saved stay as they were
             raise ValueError(
@@ -95,7 +101,7 @@ class CharLM(L.LightningModule):
 
     def _eval_step(self, batch) -> None:
         x, y = batch
-        _, loss = self.net(x, y)
+        _, loss = self.net_forward(x, y)
         # weight each batch's mean loss by its real (unpadded) targets: the result is the exact per-token mean.
         # A batch of padding only (possible on one rank under DDP) has a NaN mean and weight 0: it adds 0 (torchmetrics
         # would drop the NaN itself, but warn about it)
