@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,13 @@ def scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
     events = EventAccumulator(str(log_dir))
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def wait_for_new_save(process, ckpts, timeout=120) -> None:
+    """Wait until this process has replaced last.ckpt (or written the first one)."""
+    last = ckpts / "last.ckpt"
+    before = last.stat().st_mtime_ns if last.exists() else None
+    deadline = time.monotonic() + timeout
+    while not last.exists() or last.stat().st_mtime_ns == before:
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it saved"
+        time.sleep(0.005)

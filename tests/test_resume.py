@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import scalars, tiny
+from conftest import scalars, tiny, wait_for_new_save
 
 from charlm import checkpointing
 from charlm.__main__ import main
@@ -47,16 +47,6 @@ def weights(cwd) -> dict[str, torch.Tensor]:
     ckpt = torch.load(cwd / "checkpoints/gpt-cpu/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == MAX_STEPS
     return ckpt["state_dict"]
-
-
-def wait_for_new_save(process, ckpts, timeout=120) -> None:
-    """Wait until this process has replaced last.ckpt (or written the first one)."""
-    last = ckpts / "last.ckpt"
-    before = last.stat().st_mtime_ns if last.exists() else None
-    deadline = time.monotonic() + timeout
-    while not last.exists() or last.stat().st_mtime_ns == before:
-        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it saved"
-        time.sleep(0.005)
 
 
 @pytest.fixture(scope="module")

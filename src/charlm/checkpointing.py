@@ -93,6 +93,9 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
         # step global_step is complete, logged and validated here, so a run resumed from this save repeats nothing
         step = trainer.global_step
+        if trainer.world_size > 1:  # every rank stops after the same step, whichever rank the signal reached
+            signum = torch.tensor(self.stop_signal or 0, device=pl_module.device)
+            self.stop_signal = int(trainer.strategy.reduce(signum, reduce_op="max")) or None
         if step > 0 and (self.stop_signal is not None or step % self.save_last_every_n_steps == 0):
             self.saving_at_batch_start = True
             self._save_last(trainer)
@@ -100,7 +103,8 @@ class ResumableCheckpoint(ModelCheckpoint):
         if self.stop_signal is not None:
             saved = f"saved {self.last_model_path}; resume with --ckpt_path last" if step > 0 else "nothing to save"
             name = signal.Signals(self.stop_signal).name
-            print(f"charlm: {name} received: stopped after step {step}; {saved}", file=sys.stderr, flush=True)
+            if trainer.is_global_zero:
+                print(f"charlm: {name} received: stopped after step {step}; {saved}", file=sys.stderr, flush=True)
             raise SystemExit(128 + self.stop_signal)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
