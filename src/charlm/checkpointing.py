@@ -93,19 +93,19 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
         # step global_step is complete, logged and validated here, so a run resumed from this save repeats nothing
         step = trainer.global_step
+        stop = self.stop_signal  # a snapshot: the handler may set stop_signal at any moment, also during the reduce
         if trainer.world_size > 1:  # every rank stops after the same step, whichever rank the signal reached
-            signum = torch.tensor(self.stop_signal or 0, device=pl_module.device)
-            self.stop_signal = int(trainer.strategy.reduce(signum, reduce_op="max")) or None
-        if step > 0 and (self.stop_signal is not None or step % self.save_last_every_n_steps == 0):
+            stop = int(trainer.strategy.reduce(torch.tensor(stop or 0, device=pl_module.device), reduce_op="max"))
+        if step > 0 and (stop or step % self.save_last_every_n_steps == 0):
             self.saving_at_batch_start = True
             self._save_last(trainer)
             self.saving_at_batch_start = False
-        if self.stop_signal is not None:
+        if stop:
             saved = f"saved {self.last_model_path}; resume with --ckpt_path last" if step > 0 else "nothing to save"
-            name = signal.Signals(self.stop_signal).name
             if trainer.is_global_zero:
+                name = signal.Signals(stop).name
                 print(f"charlm: {name} received: stopped after step {step}; {saved}", file=sys.stderr, flush=True)
-            raise SystemExit(128 + self.stop_signal)
+            raise SystemExit(128 + stop)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         # Lightning counts the next batch "ready" before on_train_batch_start; resumed from a checkpoint that says so,
