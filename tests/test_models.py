@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from charlm.models import GPT, Bigram
+from charlm.models import GPT, Bigram, Linear
 from charlm.sampling import generate
 
 
@@ -53,6 +53,20 @@ def test_attention_weights_are_those_of_the_forward_pass(pos_emb):
         block.attn.keep_weights = True
     assert (model(idx)[0] - fast).abs().max().item() < 1e-5
     assert torch.equal(torch.stack([block.attn.weights for block in model.h]), weights)
+
+
+def test_a_single_position_through_the_row_split_linear_equals_nn_linear():
+    torch.manual_seed(0)
+    layer = Linear(32, 96, bias=True)
+    x = torch.randn(1, 1, 32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # two blocks of rows, whatever this machine has
+    try:
+        split = layer(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert split.shape == (1, 1, 96)
+    assert (split - torch.nn.functional.linear(x, layer.weight, layer.bias)).abs().max().item() < 1e-6
 
 
 def test_lm_head_is_tied_to_token_embedding():

@@ -63,6 +63,25 @@ class Bigram(CharModel):
         return self.table(idx)
 
 
+class Linear(nn.Linear):
+    """nn.Linear, with a faster product for a single position on a CPU (generation with the KV cache).
+
+    A matrix-vector product is bound by reading the weight from memory, and torch runs it on one core. Split into one
+    block of rows per thread and batched (bmm), it runs on all of them: a cached step of the 6-layer, 384-wide GPT
+    took 3.9 instead of 5.1 ms on 2 cores. The same sums, added in another order.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = torch.get_num_threads()
+        rows, cols = self.weight.shape
+        if x.device.type != "cpu" or x.shape[:-1].numel() != 1 or parts == 1 or rows % parts:
+            return super().forward(x)
+        # the (cols, 1) column as a transposed row: with that layout, bmm runs its batch in parallel (measured)
+        y = torch.bmm(self.weight.view(parts, rows // parts, cols), x.reshape(1, cols).T.expand(parts, -1, -1))
+        y = y.reshape(*x.shape[:-1], rows)
+        return y if self.bias is None else y + self.bias
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary position embedding of x (B, nh, T, hs): channel pairs (i, i + hs/2) turn by angles that grow with the
     position; cos and sin are (T, hs)."""
@@ -75,8 +94,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = n_head
         self.dropout = dropout
-        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # query, key, value for all heads at once
-        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.c_attn = Linear(n_embd, 3 * n_embd, bias=bias)  # query, key, value for all heads at once
+        self.c_proj = Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # set by GPT.set_kv_cache
         self.keep_weights = False  # set by GPT.attention: compute the weights explicitly and keep them
@@ -115,9 +134,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, n_embd: int, dropout: float, bias: bool):
         super().__init__()
-        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
+        self.c_fc = Linear(n_embd, 4 * n_embd, bias=bias)
         self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        self.c_proj = Linear(4 * n_embd, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

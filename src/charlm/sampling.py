@@ -4,9 +4,9 @@ One implementation serves `python -m charlm generate` and the training-time samp
 
 Past block_size: the no-cache path (nanoGPT's sample.py) re-runs the last block_size characters at every step.
 The cached path keeps the characters it has cached as the context; when the cache is full it keeps the last
-block_size - block_size // 4 characters and re-fills the cache from them in one pass. So the context grows from
-3/4 of block_size to block_size and drops back, and each step costs one position, plus one re-fill every
-block_size // 4 steps.
+block_size // 2 characters and re-fills the cache from them in one pass. So the context grows from half of
+block_size to block_size and drops back, and each step costs one position, plus one re-fill every block_size // 2
+steps.
 """
 
 from collections.abc import Iterator
@@ -47,7 +47,7 @@ def pick_next(
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(
     net: CharModel,
     idx: torch.Tensor,
@@ -79,7 +79,7 @@ def generate(
             elif window.size(1) <= block_size:
                 logits = net(next_id, pos=window.size(1) - 1)[0][:, -1]
             else:  # the cache is full: re-fill it from the most recent characters
-                window = window[:, -(block_size - block_size // 4) :]
+                window = window[:, -(block_size // 2) :]
                 logits = net(window)[0][:, -1]
     finally:
         if cached:
