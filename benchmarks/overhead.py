@@ -8,11 +8,13 @@ validation is off (`--trainer.limit_val_batches 0`), since the plain loop has no
 time of each logged step for charlm, time.time() at the end of the same steps for the loop, from the first logged
 step at or after `--skip`. The final training losses must agree: the same work.
 
-This machine's speed drifts by 10-20% between runs of the same code, so each side runs `--repeats` times in
-alternating order, and there are two ratios: of the median runs, and of the 90th percentile of 10-step stretches
-(the machine at full speed; it leaves out the stretches with a checkpoint save).
+This machine's speed drifts by 10-20% between runs of the same code, sometimes within one benchmark, so each side
+runs `--repeats` times in alternating order (plain, charlm, charlm, plain, ...), and there are two ratios: the median
+over the repeats of charlm's tokens/s over that of the plain run beside it (a drift slower than a pair of runs
+cancels out), and the ratio of the 90th percentiles of 10-step stretches (the machine at full speed; it leaves out
+the stretches with a checkpoint save).
 
-    python benchmarks/overhead.py --data.path input.txt [--steps 300] [--repeats 5] [charlm fit flags]
+    python benchmarks/overhead.py --data.path input.txt [--steps 300] [--repeats 9] [charlm fit flags]
 """
 
 import argparse
@@ -98,7 +100,7 @@ def main() -> None:
     parser.add_argument("--data.path", dest="data_path", required=True, help="tiny-shakespeare's input.txt")
     parser.add_argument("--steps", type=int, default=300, help="a multiple of 10: charlm logs every 10th step")
     parser.add_argument("--skip", type=int, default=20, help="first steps left out of the timing (warm-up)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--n_layer", type=int, default=4)
     parser.add_argument("--n_head", type=int, default=4)
     parser.add_argument("--n_embd", type=int, default=128)
@@ -113,20 +115,20 @@ def main() -> None:
     sizes = f"{args.n_layer} layers, {args.n_head} heads, {args.n_embd} wide, block {args.block_size}"
     print(f"\nGPT {sizes}, batch {args.batch_size}; {args.steps} steps, timed from step {args.skip}")
     tokens_per_step = args.batch_size * args.block_size
-    whole, fast = {}, {}
+    rates, fast = {}, {}
     for name, runs in results.items():
-        rates = [(ends[-1][0] - ends[0][0]) * tokens_per_step / (ends[-1][1] - ends[0][1]) for ends, _ in runs]
+        rates[name] = [(ends[-1][0] - ends[0][0]) * tokens_per_step / (ends[-1][1] - ends[0][1]) for ends, _ in runs]
         intervals = [
             (s1 - s0) * tokens_per_step / (t1 - t0) for ends, _ in runs for (s0, t0), (s1, t1) in pairwise(ends)
         ]
-        whole[name], fast[name] = statistics.median(rates), statistics.quantiles(intervals, n=10)[-1]
-        listed = ", ".join(f"{rate:,.0f}" for rate in rates)
-        print(f"{name:>7}: {whole[name]:8,.0f} tokens/s, median run (runs: {listed}); {fast[name]:,.0f} in the fastest")
-        print(f"         10% of {LOG_EVERY}-step stretches; final train loss {runs[0][1]:.4f}")
-    ratios = (
-        f"{whole['charlm'] / whole['plain']:.3f} (median runs), {fast['charlm'] / fast['plain']:.3f} (fast stretches)"
-    )
-    print(f"  ratio charlm / plain: {ratios}")
+        fast[name] = statistics.quantiles(intervals, n=10)[-1]
+        listed = ", ".join(f"{rate:,.0f}" for rate in rates[name])
+        print(f"{name:>7}: {statistics.median(rates[name]):8,.0f} tokens/s, median run (runs: {listed});")
+        fastest = f"{fast[name]:,.0f} in the fastest 10% of {LOG_EVERY}-step stretches"
+        print(f"         {fastest}; final train loss {runs[0][1]:.4f}")
+    paired = [c / p for c, p in zip(rates["charlm"], rates["plain"])]
+    print(f"  ratio charlm / plain: {statistics.median(paired):.3f} (median of the repeats' ratios: ", end="")
+    print(f"{', '.join(f'{r:.3f}' for r in paired)}), {fast['charlm'] / fast['plain']:.3f} (fast stretches)")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak:.0f} MiB, {torch.get_num_threads()} threads")
     plain_loss, charlm_loss = results["plain"][0][1], results["charlm"][0][1]

@@ -69,15 +69,17 @@ class CharLM(L.LightningModule):
             )
         self.tokens_since_log += x.numel() * self.trainer.world_size
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            # only on the steps the logger writes (as Lightning decides them): self.log costs about 1 ms a call on
-            # a CPU, a few percent of a small model's step
+            # only on the steps the logger writes (as Lightning decides them), and self.log for the loss alone: it
+            # costs about 0.5 ms a call on a CPU. The rest goes straight to the loggers, as LearningRateMonitor does
             self.log("train/loss", loss, prog_bar=True)
-            self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+            metrics = {"train/lr": self.lr_schedulers().get_last_lr()[0]}
             now = time.perf_counter()
             if self.log_window_start is not None:  # training tokens per second since the last logged step
                 seconds = now - self.log_window_start - self.validation_seconds
-                self.log("train/tokens_per_sec", self.tokens_since_log / seconds)
+                metrics["train/tokens_per_sec"] = self.tokens_since_log / seconds
             self.log_window_start, self.tokens_since_log, self.validation_seconds = now, 0, 0.0
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=self.global_step)
         return loss
 
     def validation_step(self, batch, batch_idx):
