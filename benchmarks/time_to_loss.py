@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--config", required=True, help="a config of configs/")
     parser.add_argument("--target", type=float, required=True, help="the val/loss to reach")
     args, fit_flags = parser.parse_known_args()
+    sys.argv[1:] = []  # the fit gets its arguments as a list: LightningCLI warns when sys.argv holds others too
 
     import torch
     import yaml

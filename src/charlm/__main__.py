@@ -282,6 +282,8 @@ def main(args: list[str] | None = None) -> None:
     # folder that holds checkpoints is refused before it starts
     warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
     warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
+    if torch.cuda.is_available():  # TF32 tensor cores for float32 matmuls, as nanoGPT; Lightning warns without it
+        torch.set_float32_matmul_precision("high")
     try:
         if argv[:1] == ["generate"]:
             generate_command(argv[1:])
