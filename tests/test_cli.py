@@ -124,6 +124,11 @@ def files_and_contents(folder) -> dict:
         (["--model.lr", "0"], "--model.lr 0.0 must be > 0"),
         (["--generation.max_new_tokens", "-1"], "--generation.max_new_tokens -1 must be >= 0"),
         (["--trainer.max_steps", "0"], "--trainer.max_steps 0: training is step-based, set it to >= 1"),
+        pytest.param(
+            ["--trainer.accelerator", "cuda"],
+            "`CUDAAccelerator` can not run on your system since the accelerator is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU"),
+        ),
         (
             ["--model.net.init_args.n_embd", "48"],
             "net.h.0.attn.c_attn.weight is [96, 32] in the checkpoint and [144, 48] in the config",

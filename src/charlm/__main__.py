@@ -15,6 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -300,7 +301,7 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"overwrite": True},  # a resumed run rewrites config.yaml in the folder it goes on in
             args=args,
         )
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, MisconfigurationException) as e:  # the last: Lightning's, for --trainer flags
         sys.exit(f"charlm: error: {e}")
 
 
