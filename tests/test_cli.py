@@ -3,7 +3,9 @@
 import io
 import os
 import re
+import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -252,6 +254,18 @@ def test_generate_separates_samples_and_honours_the_seed(trained, capsys, monkey
     assert first.startswith("===== sample 1 of 2 =====\n\n") and "\n===== sample 2 of 2 =====\n\n" in first
     main([*args, "--seed", "2"])
     assert capsys.readouterr().out != first
+
+
+def test_validate_and_generate_find_best_the_lowest_val_loss(trained, corpus, tmp_path, capsys, monkeypatch):
+    cwd, *_ = trained
+    shutil.copytree(cwd / "checkpoints", tmp_path / "checkpoints")  # moved: last.ckpt names the best by its old path
+    monkeypatch.chdir(tmp_path)
+    (best,) = Path("checkpoints/gpt-cpu").glob("step*-val*.ckpt")
+    main(["validate", *tiny(corpus), "--ckpt_path", "best"])
+    loss = re.search(r"val/loss\s*│\s*([\d.]+)", capsys.readouterr().out).group(1)
+    assert float(loss) == pytest.approx(float(best.stem.split("-val")[1]), abs=1e-4)
+    main(["generate", "--ckpt_path", "best", "--max_new_tokens", "5"])
+    assert f"charlm: sampling from {best} on cpu" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -100,18 +100,22 @@ class CharLMCLI(LightningCLI):
     def _check_ckpt_path(self) -> dict | None:
         """Load --ckpt_path; fail before any work if it names nothing, is no checkpoint, or does not fit the model."""
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
-        if ckpt_path in (None, "best"):
+        if ckpt_path is None:
             return None
-        if ckpt_path == "last":
+        if ckpt_path in ("last", "best"):
             folder = Path(self.trainer.checkpoint_callback.dirpath)
             candidates = sorted(folder.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
             if not candidates:
-                raise FileNotFoundError(f"--ckpt_path last: no last.ckpt in {folder}/: train first, or pass a file")
-            path = candidates[-1]
+                raise FileNotFoundError(
+                    f"--ckpt_path {ckpt_path}: no last.ckpt in {folder}/: train first, or pass a file"
+                )
+            path = candidates[-1] if ckpt_path == "last" else best_checkpoint(candidates[-1])
+            # Lightning loads the very file checked here (its own "best" knows only this process's checkpoints)
+            self.config_init[self.subcommand]["ckpt_path"] = str(path)
         elif Path(ckpt_path).is_file():
             path = Path(ckpt_path)
         else:
-            raise FileNotFoundError(f"--ckpt_path {ckpt_path} is not a file: pass a .ckpt file, or last")
+            raise FileNotFoundError(f"--ckpt_path {ckpt_path} is not a file: pass a .ckpt file, last or best")
         ckpt = read_checkpoint(path)
         saved = ckpt.get("state_dict")
         if not isinstance(saved, dict) or "CharDataModule" not in ckpt:
@@ -206,14 +210,16 @@ def find_checkpoint(ckpt_path: str) -> Path:
     candidates = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime)
     if not candidates:
         raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no {pattern} in {folder.resolve()}/: train first")
-    last = candidates[-1]
-    if ckpt_path != "best":
-        return last
-    states = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
-    best = [s["best_model_path"] for k, s in states.items() if k.startswith("ModelCheckpoint")]
-    if not best or not Path(best[0]).is_file():
+    return candidates[-1] if ckpt_path != "best" else best_checkpoint(candidates[-1])
+
+
+def best_checkpoint(last: Path) -> Path:
+    """The checkpoint with the lowest val/loss that a last.ckpt names, in the last.ckpt's folder (moved or not)."""
+    states = read_checkpoint(last).get("callbacks", {})
+    names = [Path(state["best_model_path"]).name for state in states.values() if state.get("best_model_path")]
+    if not names or not (last.parent / names[0]).is_file():
         raise FileNotFoundError(f"--ckpt_path best: {last} names no best checkpoint that exists: pass a file")
-    return Path(best[0])
+    return last.parent / names[0]
 
 
 def load_for(args: argparse.Namespace) -> tuple[Path, CharModel, str, CharTokenizer, str]:
