@@ -178,6 +178,22 @@ def resolved_config(capsys, *args) -> dict:
     return yaml.safe_load(capsys.readouterr().out)
 
 
+def test_help_lists_every_command_and_an_unknown_one_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    usage = capsys.readouterr().out
+    assert all(f"\n  {command} " in usage for command in ("fit", "validate", "test", "generate", "attention"))
+    with pytest.raises(SystemExit) as exit_info:
+        main([])  # no command: the same text, as an error
+    assert exit_info.value.code == 2 and capsys.readouterr().err == usage
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train"])
+    assert exit_info.value.code == (
+        "charlm: error: 'train' is not a command: use fit, validate, test, generate or attention"
+    )
+
+
 def test_plain_fit_trains_the_cpu_recipe(capsys):
     default = resolved_config(capsys)
     recipe = resolved_config(capsys, "--config", str(ROOT / "configs/gpt-cpu.yaml"))

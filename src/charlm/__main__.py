@@ -283,8 +283,25 @@ def attention_command(argv: list[str]) -> None:
         print(f"charlm: the text is longer than a picture fits: {note}", file=sys.stderr)
 
 
+COMMANDS = """usage: charlm {fit,validate,test,generate,attention} ...   (or python -m charlm ...)
+
+  fit        train a bigram or a GPT: --config, --model.*, --data.*, --trainer.*, --checkpoint.*, ...
+  validate   the exact validation loss of a checkpoint
+  test       the same, reported as test/loss
+  generate   stream text from a checkpoint
+  attention  save a picture of a GPT checkpoint's attention
+
+charlm COMMAND --help lists the command's flags."""
+
+
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
+    # LightningCLI's own help and errors know only fit, validate and test
+    if argv[:1] in ([], ["-h"], ["--help"]):
+        print(COMMANDS, file=sys.stdout if argv else sys.stderr)
+        sys.exit(0 if argv else 2)
+    if not argv[0].startswith("-") and argv[0] not in ("fit", "validate", "test", "generate", "attention"):
+        sys.exit(f"charlm: error: {argv[0]!r} is not a command: use fit, validate, test, generate or attention")
     # Lightning's resume warnings do not apply: training batch n comes from (seed, n) alone, and a fresh run into a
     # folder that holds checkpoints is refused before it starts
     warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
@@ -305,6 +322,7 @@ def main(args: list[str] | None = None) -> None:
             seed_everything_default=1337,
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},  # a resumed run rewrites config.yaml in the folder it goes on in
+            parser_kwargs={"prog": "charlm"},
             args=args,
         )
     except (ValueError, OSError, MisconfigurationException) as e:  # the last: Lightning's, for --trainer flags
