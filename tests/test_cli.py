@@ -204,12 +204,29 @@ def test_plain_fit_trains_the_cpu_recipe(capsys):
 
 
 @pytest.mark.parametrize("name", ["bigram", "gpt", "gpt-cpu"])
-def test_every_config_parses_and_trains_in_float32_without_a_gpu(capsys, name):
+def test_every_config_parses_and_none_pins_mixed_precision(capsys, name):
     config = resolved_config(capsys, "--config", str(ROOT / f"configs/{name}.yaml"))
     assert config["checkpoint"]["dirpath"] == f"checkpoints/{name}"
     assert config["trainer"]["logger"]["init_args"]["name"] == name
-    if not torch.cuda.is_available():  # bf16 autocast made gpt.yaml 22x slower on the 2-core CPU
-        assert config["trainer"]["precision"] == "32-true"
+    # a pinned bf16-mixed made gpt.yaml 22x slower on the 2-core CPU; null: the run picks it for its device
+    assert config["trainer"]["precision"] in (None, "32-true")
+
+
+def test_the_run_records_the_precision_it_chose_for_its_device(trained):
+    cwd = trained[0]
+    config = yaml.safe_load((cwd / "logs/gpt-cpu/version_0/config.yaml").read_text())
+    expected = "32-true"
+    if torch.cuda.is_available():
+        expected = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    assert config["trainer"]["precision"] == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU that the run is told not to use")
+def test_a_cpu_run_on_a_gpu_machine_trains_in_float32(corpus, tmp_path):
+    result = charlm("fit", *tiny(corpus, max_steps=1), "--trainer.accelerator", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load((tmp_path / "logs/gpt-cpu/version_0/config.yaml").read_text())
+    assert config["trainer"]["precision"] == "32-true"
 
 
 def test_fit_logs_the_picture_that_the_attention_command_draws(trained, corpus):
