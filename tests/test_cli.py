@@ -309,6 +309,9 @@ def test_validate_and_generate_find_best_the_lowest_val_loss(trained, corpus, tm
         (["--ckpt_path", "logs/gpt-cpu/version_0/config.yaml"], "is not a valid checkpoint"),
         (["--ckpt_path", "truncated.ckpt"], "truncated.ckpt is not a valid checkpoint"),
         (["--ckpt_path", "last", "--prompt", "Zoë & {x}"], "['{', '}', 'ë'] that are not among the model's 65"),
+        (["--ckpt_path", "last", "--prompt_file", "nothere.txt"], "--prompt_file nothere.txt does not exist"),
+        (["--ckpt_path", "last", "--prompt_file", "checkpoints"], "--prompt_file checkpoints is a directory"),
+        (["--ckpt_path", "last", "--prompt_file", "truncated.ckpt"], "--prompt_file truncated.ckpt is not UTF-8"),
     ],
 )
 def test_generate_bad_input_is_one_line_error(trained, tmp_path, monkeypatch, flags, message):

@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from charlm.attention import attention_picture
 from charlm.callbacks import AttentionCallback, GenerationCallback
 from charlm.checkpointing import ResumableCheckpoint, lock_folder, read_checkpoint
-from charlm.data import CharDataModule, CharTokenizer
+from charlm.data import CharDataModule, CharTokenizer, read_text
 from charlm.models import GPT, CharModel
 from charlm.module import CharLM
 from charlm.sampling import generate, load_net
@@ -238,7 +238,7 @@ def load_for(args: argparse.Namespace) -> tuple[Path, CharModel, str, CharTokeni
         raise ValueError("--device cuda: no CUDA GPU is available here: use --device cpu or auto")
     ckpt_path = find_checkpoint(args.ckpt_path)
     net, tokenizer = load_net(ckpt_path, device)
-    prompt = args.prompt_file.read_text(encoding="utf-8") if args.prompt_file else args.prompt
+    prompt = read_text(args.prompt_file, "--prompt_file") if args.prompt_file else args.prompt
     prompt = prompt or "\n"  # an empty prompt starts from a newline, like a new speech
     unknown = sorted(set(prompt) - set(tokenizer.chars))
     if unknown and args.unknown == "error":

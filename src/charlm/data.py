@@ -149,6 +149,8 @@ class CharDataModule(L.LightningDataModule):
         else:
             file = Path(path)
         text = read_text(file)
+        if not text:
+            raise ValueError(f"--data.path {file} is empty: pass a text file with some content")
         self.block_size = block_size
         self.batch_size = batch_size
         self.tokenizer = CharTokenizer.from_text(text)
@@ -195,17 +197,14 @@ class CharDataModule(L.LightningDataModule):
             )
 
 
-def read_text(file: Path) -> str:
-    """Read a UTF-8 text file, with one-line errors that say what is wrong with it."""
+def read_text(file: Path, flag: str = "--data.path") -> str:
+    """Read a UTF-8 text file, with one-line errors that name the flag it came from and what is wrong with it."""
     if not file.exists():
-        raise FileNotFoundError(f"--data.path {file} does not exist: pass a UTF-8 text file")
+        raise FileNotFoundError(f"{flag} {file} does not exist: pass a UTF-8 text file")
     if file.is_dir():
-        raise IsADirectoryError(f"--data.path {file} is a directory: pass a UTF-8 text file")
+        raise IsADirectoryError(f"{flag} {file} is a directory: pass a UTF-8 text file")
     raw = file.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"--data.path {file} is not UTF-8 (byte offset {e.start}): convert it to UTF-8") from None
-    if not text:
-        raise ValueError(f"--data.path {file} is empty: pass a text file with some content")
-    return text
+        raise ValueError(f"{flag} {file} is not UTF-8 (byte offset {e.start}): convert it to UTF-8") from None
