@@ -159,6 +159,25 @@ def test_bad_input_is_one_line_error_and_leaves_the_run_untouched(trained, corpu
     assert files_and_contents(cwd / "checkpoints") | files_and_contents(cwd / "logs") == before
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--config", "nothere.yaml"], "File does not exist"),
+        (["--trainer.max_stepz", "5"], "unrecognized arguments: --trainer.max_stepz 5"),
+        (["--model.lr", "fast"], "Parser key \"model.lr\": Expected a <class 'float'>. Got value: fast"),
+        (["--model.net", "charlm.models.RNN"], "module 'charlm.models' has no attribute 'RNN'"),
+    ],
+)
+def test_a_bad_flag_or_config_is_one_line_not_the_usage_of_every_flag(capsys, tmp_path, monkeypatch, flags, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *flags])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1 and message in error
+    assert error.startswith("charlm fit: error: ") and error.endswith("(charlm fit --help lists the flags)\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_fresh_run_into_a_folder_with_checkpoints_is_refused(trained, corpus, monkeypatch):
     cwd, *_ = trained
     monkeypatch.chdir(cwd)

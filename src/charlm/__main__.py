@@ -29,6 +29,16 @@ from charlm.module import CharLM
 from charlm.sampling import generate, load_net
 
 
+class ArgumentParser(LightningArgumentParser):
+    def error(self, message: str, ex: Exception | None = None):
+        """A bad flag or config is one line, like charlm's other errors, not argparse's usage of every flag first."""
+        if not self.exit_on_error:  # jsonargparse trying one type of a union: it handles the exception itself
+            super().error(message, ex)
+        prog = self.prog.replace(" [options]", "")
+        print(f"{prog}: error: {' '.join(message.split())} ({prog} --help lists the flags)", file=sys.stderr)
+        sys.exit(2)
+
+
 class CharLMCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -332,6 +342,7 @@ def main(args: list[str] | None = None) -> None:
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},  # a resumed run rewrites config.yaml in the folder it goes on in
             parser_kwargs={"prog": "charlm"},
+            parser_class=ArgumentParser,
             args=args,
         )
     except (ValueError, OSError, MisconfigurationException) as e:  # the last: Lightning's, for --trainer flags
