@@ -69,6 +69,16 @@ def test_a_single_position_through_the_row_split_linear_equals_nn_linear():
     assert (split - torch.nn.functional.linear(x, layer.weight, layer.bias)).abs().max().item() < 1e-6
 
 
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+def test_torch_compile_traces_the_gpt_training_pass_as_one_graph(pos_emb):
+    # every graph break splits the compiled net into pieces that inductor cannot fuse across
+    model = GPT(block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.1, pos_emb=pos_emb)
+    idx = torch.randint(0, 65, (4, 16))
+    explained = torch._dynamo.explain(model.forward)(idx, idx)
+    assert explained.graph_break_count == 0, [reason.reason.splitlines()[0] for reason in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
 def test_lm_head_is_tied_to_token_embedding():
     model = tiny_gpt()
     assert model.lm_head.weight is model.wte.weight

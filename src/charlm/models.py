@@ -72,9 +72,10 @@ class Linear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = torch.get_num_threads()
+        # the thread count only for a single position on a CPU: torch.compile cannot trace it (a graph break)
+        parts = torch.get_num_threads() if x.device.type == "cpu" and x.shape[:-1].numel() == 1 else 1
         rows, cols = self.weight.shape
-        if x.device.type != "cpu" or x.shape[:-1].numel() != 1 or parts == 1 or rows % parts:
+        if parts == 1 or rows % parts:
             return super().forward(x)
         # the (cols, 1) column as a transposed row: with that layout, bmm runs its batch in parallel (measured)
         y = torch.bmm(self.weight.view(parts, rows // parts, cols), x.reshape(1, cols).T.expand(parts, -1, -1))
