@@ -1,9 +1,9 @@
 """Characters per second of `charlm.sampling.generate`, with and without the GPT's KV cache.
 
-The model is by default the 6-layer, 6-head, 384-wide, block-256 GPT of configs/gpt.yaml, with random weights
-(speed does not depend on what was learned). Without the cache, every step re-runs the last block_size characters,
-as nanoGPT's sample.py does; with it, every step computes one position (plus a re-fill of the cache every
-block_size // 2 steps).
+The model is by default the 6-layer, 6-head, 384-wide GPT of configs/gpt.yaml at context 256 (the config's until
+2026-11-22; it trains at 512 now), with random weights (speed does not depend on what was learned). Without the
+cache, every step re-runs the last block_size characters, as nanoGPT's sample.py does; with it, every step computes
+one position (plus a re-fill of the cache every block_size // 2 steps).
 
     python benchmarks/generate_speed.py [--new_tokens 2000] [--device cpu]
     python benchmarks/generate_speed.py --n_layer 4 --n_head 4 --n_embd 128 --block_size 64   # nanoGPT CPU size

@@ -72,6 +72,8 @@ def main() -> None:
     rates = [(s1 - s0) * tokens_per_step / (t1 - t0) for (s0, t0), (s1, t1) in zip(train, train[1:]) if t1 > t0]
     print(f"final val/loss {val[-1][2]:.4f} at step {val[-1][0]} ({val[-1][2] / 0.6931471805599453:.4f} bpc)")
     print(f"total {time.time() - start:.1f} s, training {statistics.median(rates):,.0f} tokens/s")
+    gap, s0, s1 = max((t1 - t0, s0, s1) for (s0, t0), (s1, t1) in zip(train, train[1:]))
+    print(f"longest gap between logged training steps: {gap:.1f} s, steps {s0} to {s1} (validations fall in gaps)")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB", end="")
     if torch.cuda.is_available():
         print(f", peak CUDA memory allocated {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB", end="")
