@@ -23,7 +23,8 @@ VARIANTS = {
     "2000 steps": ["--trainer.max_steps", "2000"],
     "dropout 0.35": ["--model.net.init_args.dropout", "0.35"],
     "512 wide, 8 heads, dropout 0.4": [
-        "--model.net.init_args.dropout", "0.4", "--model.net.init_args.n_embd", "512", "--model.net.init_args.n_head", "8",
+        "--model.net.init_args.dropout", "0.4",
+        "--model.net.init_args.n_embd", "512", "--model.net.init_args.n_head", "8",
     ],
     "weight decay 0.5": ["--model.weight_decay", "0.5"],
     "batch 64, 1500 steps": ["--data.batch_size", "64", "--trainer.max_steps", "1500"],

@@ -102,6 +102,8 @@ class AttentionCallback(L.Callback):
         # 6 x 6 heads (4792 x 4920 pixels) that took 1.6 s a validation on the 2-core build machine, this 0.6 s
         png = io.BytesIO()
         image.save(png, format="PNG")
-        picture = Summary.Image(height=image.height, width=image.width, colorspace=3, encoded_image_string=png.getvalue())
+        picture = Summary.Image(
+            height=image.height, width=image.width, colorspace=3, encoded_image_string=png.getvalue()
+        )
         summary = Summary(value=[Summary.Value(tag="attention", image=picture)])
         logger.experiment.file_writer.add_summary(summary, trainer.global_step)
