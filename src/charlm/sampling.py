@@ -14,12 +14,16 @@ from pathlib import Path
 
 import torch
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from charlm.checkpointing import read_checkpoint
 from charlm.data import CharTokenizer
 from charlm.models import GPT, Bigram, CharModel
 
 NETS = {f"{cls.__module__}.{cls.__name__}": cls for cls in (GPT, Bigram)}  # the only classes a checkpoint may name
+# attention kernels for generation: not cuDNN's, torch's first choice on an H100 (torch >= 2.10), which sets up a new
+# execution graph for every new pair of query and key lengths, and every generation step brings a new key length
+GENERATION_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def pick_next(
@@ -65,25 +69,26 @@ def generate(
     block_size = net.block_size
     cached = use_cache and isinstance(net, GPT)
     window = idx[:, -block_size:]  # the context: for the cached path, exactly what is in the cache
-    if cached:
-        net.set_kv_cache(idx.size(0))
-    try:
-        logits = net(window)[0][:, -1]
-        for _ in range(max_new_tokens):
-            next_id = pick_next(logits, temperature, top_k, top_p, generator)
-            yield next_id
-            window = torch.cat((window, next_id), dim=1)
-            if not cached:
-                window = window[:, -block_size:]
-                logits = net(window)[0][:, -1]
-            elif window.size(1) <= block_size:
-                logits = net(next_id, pos=window.size(1) - 1)[0][:, -1]
-            else:  # the cache is full: re-fill it from the most recent characters
-                window = window[:, -(block_size // 2) :]
-                logits = net(window)[0][:, -1]
-    finally:
+    with sdpa_kernel(GENERATION_ATTENTION):
         if cached:
-            net.clear_kv_cache()
+            net.set_kv_cache(idx.size(0))
+        try:
+            logits = net(window)[0][:, -1]
+            for _ in range(max_new_tokens):
+                next_id = pick_next(logits, temperature, top_k, top_p, generator)
+                yield next_id
+                window = torch.cat((window, next_id), dim=1)
+                if not cached:
+                    window = window[:, -block_size:]
+                    logits = net(window)[0][:, -1]
+                elif window.size(1) <= block_size:
+                    logits = net(next_id, pos=window.size(1) - 1)[0][:, -1]
+                else:  # the cache is full: re-fill it from the most recent characters
+                    window = window[:, -(block_size // 2) :]
+                    logits = net(window)[0][:, -1]
+        finally:
+            if cached:
+                net.clear_kv_cache()
 
 
 def load_net(ckpt_path: Path, device: torch.device | str = "cpu") -> tuple[CharModel, CharTokenizer]:
