@@ -26,8 +26,11 @@ VARIANTS = {
         "--model.net.init_args.dropout", "0.4",
         "--model.net.init_args.n_embd", "512", "--model.net.init_args.n_head", "8",
     ],
+    "512 wide, 8 heads, dropout 0.35, 2000 steps": [
+        "--model.net.init_args.dropout", "0.35", "--trainer.max_steps", "2000",
+        "--model.net.init_args.n_embd", "512", "--model.net.init_args.n_head", "8",
+    ],
     "weight decay 0.5": ["--model.weight_decay", "0.5"],
-    "batch 64, 1500 steps": ["--data.batch_size", "64", "--trainer.max_steps", "1500"],
 }  # fmt: skip
 TARGET = 1.42
 CONFIG = Path(__file__).parent.parent / "configs/gpt.yaml"

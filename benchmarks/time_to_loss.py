@@ -56,8 +56,14 @@ def main() -> None:
         events = EventAccumulator(str(log_dir))
         events.Reload()
         config = yaml.safe_load((log_dir / "config.yaml").read_text())
-    val = [(e.step, e.wall_time - start, e.value) for e in events.Scalars("val/loss")]
-    train = [(e.step, e.wall_time) for e in events.Scalars("train/loss")]
+    logged = events.Tags()["scalars"]
+    val = [(e.step, e.wall_time - start, e.value) for e in events.Scalars("val/loss")] if "val/loss" in logged else []
+    train = [(e.step, e.wall_time) for e in events.Scalars("train/loss")] if "train/loss" in logged else []
+    if not val or len(train) < 2:
+        sys.exit(
+            f"time_to_loss.py: the run logged {len(val)} val/loss and {len(train)} train/loss: give it more steps "
+            "than --trainer.val_check_interval and twice --trainer.log_every_n_steps"
+        )
 
     print(f"\n{args.config} {' '.join(fit_flags)}")
     for step, seconds, loss in val:
