@@ -18,19 +18,19 @@ import sys
 import tempfile
 from pathlib import Path
 
+EMA = "--trainer.callbacks+=EMAWeightAveraging"
 VARIANTS = {
     "gpt.yaml": [],
     "2000 steps": ["--trainer.max_steps", "2000"],
     "dropout 0.35": ["--model.net.init_args.dropout", "0.35"],
-    "512 wide, 8 heads, dropout 0.4": [
-        "--model.net.init_args.dropout", "0.4",
-        "--model.net.init_args.n_embd", "512", "--model.net.init_args.n_head", "8",
-    ],
     "512 wide, 8 heads, dropout 0.35, 2000 steps": [
         "--model.net.init_args.dropout", "0.35", "--trainer.max_steps", "2000",
         "--model.net.init_args.n_embd", "512", "--model.net.init_args.n_head", "8",
     ],
-    "weight decay 0.5": ["--model.weight_decay", "0.5"],
+    # validation and checkpoints use an exponential moving average of the weights (Lightning's callback)
+    "EMA 0.99": [EMA, "--trainer.callbacks.decay=0.99"],
+    "EMA 0.995": [EMA, "--trainer.callbacks.decay=0.995"],
+    "EMA 0.99, dropout 0.35": [EMA, "--trainer.callbacks.decay=0.99", "--model.net.init_args.dropout", "0.35"],
 }  # fmt: skip
 TARGET = 1.42
 CONFIG = Path(__file__).parent.parent / "configs/gpt.yaml"
