@@ -28,9 +28,9 @@ VARIANTS = {
         "--model.net.init_args.n_embd", "512", "--model.net.init_args.n_head", "8",
     ],
     # validation and checkpoints use an exponential moving average of the weights (Lightning's callback)
-    "EMA 0.99": [EMA, "--trainer.callbacks.decay=0.99"],
     "EMA 0.995": [EMA, "--trainer.callbacks.decay=0.995"],
-    "EMA 0.99, dropout 0.35": [EMA, "--trainer.callbacks.decay=0.99", "--model.net.init_args.dropout", "0.35"],
+    "EMA 0.998": [EMA, "--trainer.callbacks.decay=0.998"],
+    "EMA 0.995, dropout 0.35": [EMA, "--trainer.callbacks.decay=0.995", "--model.net.init_args.dropout", "0.35"],
 }  # fmt: skip
 TARGET = 1.42
 CONFIG = Path(__file__).parent.parent / "configs/gpt.yaml"
