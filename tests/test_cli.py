@@ -59,6 +59,14 @@ def test_fit_writes_checkpoints_logs_and_samples_under_the_working_directory(tra
     assert logs["hp_metric"][-1] == logs["val/loss"][-1]
 
 
+def test_fit_prints_no_library_noise(trained):
+    """Neither torch's deprecation of what Lightning calls nor Lightning's advertisement reach the person."""
+    _, result, _, _ = trained
+    assert "`Trainer.fit` stopped: `max_steps=4` reached." in result.stderr  # Lightning's own messages still do
+    assert "deprecated" not in result.stderr
+    assert "litlogger" not in result.stderr
+
+
 def test_checkpoint_is_self_describing_and_loads_with_weights_only(trained):
     cwd, *_ = trained
     ckpt = torch.load(cwd / "checkpoints/gpt-cpu/last.ckpt", weights_only=True)

@@ -8,7 +8,9 @@ generate and attention need neither a trainer nor data, only a checkpoint, so th
 """
 
 import argparse
+import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -313,6 +315,11 @@ COMMANDS = """usage: charlm {fit,validate,test,generate,attention} ...   (or pyt
 charlm COMMAND --help lists the command's flags."""
 
 
+def not_an_advert(record: logging.LogRecord) -> bool:
+    """A logging filter (a named function, so that each main() call adds it once) against "💡 Tip: ..." lines."""
+    return not record.getMessage().startswith("💡")
+
+
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     # LightningCLI's own help and errors know only fit, validate and test
@@ -325,6 +332,10 @@ def main(args: list[str] | None = None) -> None:
     # folder that holds checkpoints is refused before it starts
     warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
     warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
+    # noise nobody running charlm can act on: Lightning 2.6.6 still builds torch's deprecated LeafSpec
+    # (Lightning-AI/pytorch-lightning#21326), and every Trainer advertises a cloud logger
+    warnings.filterwarnings("ignore", re.escape("`isinstance(treespec, LeafSpec)` is deprecated"), FutureWarning)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(not_an_advert)
     if torch.cuda.is_available():  # TF32 tensor cores for float32 matmuls, as nanoGPT; Lightning warns without it
         torch.set_float32_matmul_precision("high")
     try:
