@@ -24,6 +24,12 @@ def corpus() -> Path:
     pytest.skip(message)
 
 
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """Every test runs in its own folder, so the prepared corpora (data/prepared/) never land in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def tiny_text(tmp_path) -> Path:
     """A short repetitive text that a small model can learn almost perfectly."""

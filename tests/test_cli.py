@@ -123,7 +123,7 @@ def files_and_contents(folder) -> dict:
     "flags, message",
     [
         (["--data.path", "missing.txt"], "--data.path missing.txt does not exist"),
-        (["--data.path", "."], "--data.path . is a directory"),
+        (["--data.path", "checkpoints"], "--data.path checkpoints is a folder with no .txt file in it"),
         (["--data.path", "empty.txt"], "--data.path empty.txt is empty"),
         (["--data.path", "latin1.txt"], "--data.path latin1.txt is not UTF-8 (byte offset 3)"),
         (["--data.path", "short.txt"], "the training split has 32 characters, fewer than one window"),
@@ -337,7 +337,10 @@ def test_validate_and_generate_find_best_the_lowest_val_loss(trained, corpus, tm
         (["--ckpt_path", "truncated.ckpt"], "truncated.ckpt is not a valid checkpoint"),
         (["--ckpt_path", "last", "--prompt", "Zoë & {x}"], "['{', '}', 'ë'] that are not among the model's 65"),
         (["--ckpt_path", "last", "--prompt_file", "nothere.txt"], "--prompt_file nothere.txt does not exist"),
-        (["--ckpt_path", "last", "--prompt_file", "checkpoints"], "--prompt_file checkpoints is a directory"),
+        (
+            ["--ckpt_path", "last", "--prompt_file", "checkpoints"],
+            "--prompt_file checkpoints is a folder, not a regular file",
+        ),
         (["--ckpt_path", "last", "--prompt_file", "truncated.ckpt"], "--prompt_file truncated.ckpt is not UTF-8"),
     ],
 )

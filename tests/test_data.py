@@ -3,11 +3,19 @@ import http.server
 import threading
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 
-from charlm.data import CharDataModule, CharTokenizer, RandomWindows, download, validation_windows
+from charlm.data import CharDataModule, RandomWindows, ValidationWindows, download
 from charlm.models import IGNORE_INDEX
+from charlm.tokenizers import CharTokenizer
+
+
+def windows(data, block_size, multiple=1) -> tuple[torch.Tensor, torch.Tensor]:
+    """All validation windows, stacked as (N, T) inputs and targets."""
+    x, y = zip(*ValidationWindows(data, block_size, multiple))
+    return torch.stack(x), torch.stack(y)
 
 
 def test_tokenizer_round_trip_and_vocab_of_the_real_corpus(corpus):
@@ -37,7 +45,7 @@ def test_train_batches_are_windows_with_targets_shifted_by_one(corpus):
 
 
 def test_train_batches_depend_on_seed_and_batch_number_only():
-    data = torch.arange(1000)
+    data = np.arange(1000)
     first = list(RandomWindows(data, block_size=8, batch_size=4, seed=7))
     resumed = list(RandomWindows(data, block_size=8, batch_size=4, seed=7, start=3))
     other_seed = next(iter(RandomWindows(data, block_size=8, batch_size=4, seed=8)))
@@ -47,27 +55,26 @@ def test_train_batches_depend_on_seed_and_batch_number_only():
 
 
 def test_ranks_share_each_batch_of_the_single_process_run():
-    data = torch.arange(1000)
+    data = np.arange(1000)
     whole = next(iter(RandomWindows(data, block_size=8, batch_size=8, seed=7)))[0]
     shares = [next(iter(RandomWindows(data, 8, 4, seed=7, rank=r, world_size=2)))[0] for r in (0, 1)]
     assert torch.equal(torch.cat(shares), whole)
 
 
 def test_validation_windows_pad_to_a_multiple_with_windows_that_count_for_nothing():
-    data = torch.arange(1, 24)  # 3 windows of 8, padded to 4 for e.g. two ranks
-    x, y = validation_windows(data, block_size=8, multiple=2).tensors
+    data = np.arange(1, 24)  # 3 windows of 8, padded to 4 for e.g. two ranks
+    x, y = windows(data, block_size=8, multiple=2)
     assert x.shape == (4, 8)
-    assert torch.equal(y[y != IGNORE_INDEX], data[1:])
+    assert torch.equal(y[y != IGNORE_INDEX], torch.from_numpy(data[1:]))
 
 
 def test_validation_windows_predict_every_token_exactly_once():
-    data = torch.arange(1, 24)  # 23 tokens: 22 targets, 3 windows of 8 with the last padded
-    windows = validation_windows(data, block_size=8)
-    x, y = windows.tensors
+    data = np.arange(1, 24)  # 23 tokens: 22 targets, 3 windows of 8 with the last padded
+    x, y = windows(data, block_size=8)
     assert x.shape == y.shape == (3, 8)
     targets = y[y != IGNORE_INDEX]
-    assert torch.equal(targets, data[1:])
-    assert torch.equal(x.flatten()[:22], data[:-1])
+    assert torch.equal(targets, torch.from_numpy(data[1:]))
+    assert torch.equal(x.flatten()[:22], torch.from_numpy(data[:-1]))
 
 
 @pytest.fixture
@@ -115,7 +122,7 @@ def test_download_failure_says_to_pass_a_local_file(http_server, tmp_path):
     "content, message",
     [
         (None, "does not exist"),
-        ("dir", "is a directory"),
+        ("dir", "is a folder with no .txt file in it"),
         (b"", "is empty"),
         (b"ab\xffcd", "not UTF-8 \\(byte offset 2\\)"),
     ],

@@ -4,6 +4,7 @@ import math
 import warnings
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -12,7 +13,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from charlm.callbacks import GenerationCallback
-from charlm.data import CharDataModule, validation_windows
+from charlm.data import CharDataModule, ValidationWindows
 from charlm.models import GPT, Bigram
 from charlm.module import CharLM
 
@@ -37,7 +38,7 @@ def test_validation_loss_is_the_exact_mean_over_every_validation_token(corpus, t
     [metrics] = trainer(tmp_path).validate(CharLM(net), datamodule=dm, verbose=False)
 
     # the reference: the summed loss of every token of the split after the first, from 48-character windows
-    val, total = dm.val_data, 0.0
+    val, total = torch.from_numpy(dm.val_data.astype(np.int64)), 0.0
     with torch.no_grad():
         for start in range(0, len(val) - 1, 48):
             x, y = val[start : start + 48][None], val[start + 1 : start + 49][None]
@@ -48,7 +49,7 @@ def test_validation_loss_is_the_exact_mean_over_every_validation_token(corpus, t
     assert metrics["val/bpc"] == pytest.approx(expected / math.log(2), rel=1e-5)
 
     # DDP pads the windows to a multiple of the world size, so a rank may get a batch of padding only: it adds nothing
-    windows = validation_windows(val, 48, multiple=len(val) // 48 + 2)  # the real windows, then one of padding
+    windows = ValidationWindows(dm.val_data, 48, multiple=len(val) // 48 + 2)  # the real windows, then one of padding
     with warnings.catch_warnings():
         warnings.filterwarnings("error", "Encountered `nan`")
         [padded] = trainer(tmp_path).validate(CharLM(net), DataLoader(windows, batch_size=len(val) // 48 + 1))

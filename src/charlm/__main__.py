@@ -25,10 +25,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from charlm.attention import attention_picture
 from charlm.callbacks import AttentionCallback, GenerationCallback
 from charlm.checkpointing import ResumableCheckpoint, lock_folder, read_checkpoint
-from charlm.data import CharDataModule, CharTokenizer, read_text
+from charlm.data import CharDataModule, read_text
 from charlm.models import GPT, CharModel
 from charlm.module import CharLM
 from charlm.sampling import generate, load_net
+from charlm.tokenizers import Tokenizer
 
 
 class ArgumentParser(LightningArgumentParser):
@@ -243,7 +244,7 @@ def best_checkpoint(last: Path) -> Path:
     return last.parent / names[0]
 
 
-def load_for(args: argparse.Namespace) -> tuple[Path, CharModel, str, CharTokenizer, str]:
+def load_for(args: argparse.Namespace) -> tuple[Path, CharModel, str, Tokenizer, str]:
     """The checkpoint, its net, the device, the tokenizer and the prompt that checkpoint_parser's arguments name."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -252,13 +253,13 @@ def load_for(args: argparse.Namespace) -> tuple[Path, CharModel, str, CharTokeni
     net, tokenizer = load_net(ckpt_path, device)
     prompt = read_text(args.prompt_file, "--prompt_file") if args.prompt_file else args.prompt
     prompt = prompt or "\n"  # an empty prompt starts from a newline, like a new speech
-    unknown = sorted(set(prompt) - set(tokenizer.chars))
+    unknown = tokenizer.unknown(prompt)
     if unknown and args.unknown == "error":
         raise ValueError(
             f"the prompt has characters {unknown!r} that are not among the model's {tokenizer.vocab_size}: "
             "change the prompt, or pass --unknown skip to drop them"
         )
-    return ckpt_path, net, device, tokenizer, "".join(c for c in prompt if c in tokenizer.stoi)
+    return ckpt_path, net, device, tokenizer, "".join(c for c in prompt if c not in set(unknown))
 
 
 def generate_command(argv: list[str]) -> None:
@@ -272,10 +273,11 @@ def generate_command(argv: list[str]) -> None:
             sys.stdout.write(f"===== sample {i + 1} of {args.num_samples} =====\n")
         sys.stdout.write(prompt)
         tokens = generate(net, idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator)
+        decoder = tokenizer.decoder()
         for next_id in tokens:
-            sys.stdout.write(tokenizer.chars[next_id.item()])
-            sys.stdout.flush()  # stream: each character appears as soon as it exists
-        sys.stdout.write("\n")
+            sys.stdout.write(decoder.push(next_id.item()))
+            sys.stdout.flush()  # stream: each character appears as soon as it is complete
+        sys.stdout.write(decoder.flush() + "\n")
 
 
 def attention_command(argv: list[str]) -> None:
@@ -294,7 +296,7 @@ def attention_command(argv: list[str]) -> None:
     ckpt_path, net, _, tokenizer, prompt = load_for(args)
     if not isinstance(net, GPT):
         raise ValueError(f"--ckpt_path {ckpt_path} holds a {type(net).__name__}, which has no attention: pass a GPT's")
-    image, note = attention_picture(net, tokenizer, prompt)
+    image, note = attention_picture(net, tokenizer, tokenizer.encode(prompt))
     tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed: never a half-written picture
     image.save(tmp, format="PNG", optimize=True)
     os.replace(tmp, out)

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from charlm.data import CharTokenizer
 from charlm.models import GPT
+from charlm.tokenizers import Tokenizer, labels
 
 MAX_CHARS = 64  # a longer text is cut to its first MAX_CHARS characters (12 pixels each), with a note in the picture
 CELL = 12  # pixels per character
@@ -20,17 +20,16 @@ GAP = 16  # pixels between panels
 WHITE, BLUE, GREY = np.array([255, 255, 255]), np.array([8, 48, 107]), np.array([215, 215, 215])
 
 
-def attention_picture(net: GPT, tokenizer: CharTokenizer, text: str) -> tuple[Image.Image, str]:
-    """The picture of net's attention over text, and a note (empty unless the text had to be cut)."""
+def attention_picture(net: GPT, tokenizer: Tokenizer, ids: list[int]) -> tuple[Image.Image, str]:
+    """The picture of net's attention over a text's token ids, and a note (empty unless the text had to be cut)."""
     keep = min(MAX_CHARS, net.block_size)
-    note = f"showing the first {keep} of its {len(text)} characters" if len(text) > keep else ""
-    text = text[:keep]
-    idx = torch.tensor([tokenizer.encode(text)], device=net.wte.weight.device)
-    weights = net.attention(idx)[:, 0].float().cpu()  # (n_layer, n_head, T, T)
-    return draw(weights, text, note), note
+    note = f"showing the first {keep} of its {len(ids)} {tokenizer.unit}" if len(ids) > keep else ""
+    ids = ids[:keep]
+    weights = net.attention(torch.tensor([ids], device=net.wte.weight.device))[:, 0].float().cpu()  # (L, nh, T, T)
+    return draw(weights, labels(tokenizer, ids), note), note
 
 
-def draw(weights: torch.Tensor, text: str, note: str) -> Image.Image:
+def draw(weights: torch.Tensor, text: list[str], note: str) -> Image.Image:
     n_layer, n_head, T, _ = weights.shape
     side = T * CELL
     panel_width, panel_height = CELL + side + GAP, LINE + CELL + side + GAP
@@ -79,6 +78,8 @@ def draw(weights: torch.Tensor, text: str, note: str) -> Image.Image:
 
 def draw_char(pen: ImageDraw.ImageDraw, font: ImageFont.FreeTypeFont, x: int, y: int, char: str) -> None:
     """One character centred in the CELL x CELL square at (x, y); a newline as an arrow, a space as a dot."""
+    if not char:  # a byte inside a character, which is drawn at its first byte
+        return
     if char == "\n":  # the default font has no glyph for it: a hooked arrow, drawn
         pen.line([(x + 9, y + 2), (x + 9, y + 8), (x + 3, y + 8)], fill="black")
         pen.line([(x + 5, y + 6), (x + 3, y + 8), (x + 5, y + 10)], fill="black")

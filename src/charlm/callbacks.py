@@ -8,13 +8,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.compat.proto.summary_pb2 import Summary
 
 from charlm.attention import MAX_CHARS, attention_picture
-from charlm.data import CharTokenizer
 from charlm.models import GPT
 from charlm.sampling import generate
+from charlm.tokenizers import Tokenizer
 
 
-def check_prompt(prompt: str, tokenizer: CharTokenizer, flag: str) -> None:
-    unknown = sorted(set(prompt) - set(tokenizer.chars))
+def check_prompt(prompt: str, tokenizer: Tokenizer, flag: str) -> None:
+    unknown = tokenizer.unknown(prompt)
     if unknown:
         raise ValueError(f"{flag} has characters {unknown!r} that are not in the corpus: change it")
 
@@ -77,7 +77,7 @@ class AttentionCallback(L.Callback):
     Every layer and head, from the model's own forward pass (see `charlm.attention`); nothing for the bigram.
 
     Args:
-        prompt: the text; by default the first 64 characters of the validation split.
+        prompt: the text; by default the first 64 tokens of the validation split.
     """
 
     def __init__(self, prompt: str | None = None):
@@ -96,8 +96,8 @@ class AttentionCallback(L.Callback):
         if not isinstance(pl_module.net, GPT):
             return
         tokenizer = trainer.datamodule.tokenizer
-        text = self.prompt or tokenizer.decode(trainer.datamodule.val_data[:MAX_CHARS].tolist())
-        image, _ = attention_picture(pl_module.net, tokenizer, text)
+        ids = tokenizer.encode(self.prompt) if self.prompt else trainer.datamodule.val_data[:MAX_CHARS].tolist()
+        image, _ = attention_picture(pl_module.net, tokenizer, ids)
         # the PNG written here, not by add_image, which turns the pixels into float32 and back first: for gpt.yaml's
         # 6 x 6 heads (4792 x 4920 pixels) add_image took 1.6 s on the 2-core build machine, the PNG alone 0.6 s
         png = io.BytesIO()

@@ -1,9 +1,12 @@
-"""Text to tensors: the corpus download, the character tokenizer, training and validation batches, the DataModule.
+"""Text to batches: the corpus download, training and validation batches, the DataModule.
 
-Data flows one way: text file -> CharTokenizer -> token tensor -> 90/10 split -> batches.
-Training draws random windows; validation walks the whole validation split in fixed windows, so the validation
-loss is an exact number, the same every time for the same weights.
-With several processes (DDP), each rank takes its own share of every training batch and of the validation windows.
+Data flows one way: text file or folder -> tokenizer -> prepared token file (charlm.corpus, memory-mapped) ->
+90/10 split -> batches.
+Training draws random windows; validation walks a fixed leading part of the validation split (all of it, when it is
+shorter than --data.val_tokens) in fixed windows, so the validation loss is an exact number, the same every time
+for the same weights.
+With several processes (DDP), each rank takes its own share of every training batch and of the validation windows;
+they all read the same memory-mapped file.
 """
 
 import hashlib
@@ -12,12 +15,16 @@ import os
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
+from charlm import corpus
 from charlm.models import IGNORE_INDEX
+from charlm.tokenizers import tokenizer_from_state
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -44,28 +51,6 @@ def download(url: str, dest: Path, sha256: str) -> Path:
     return dest
 
 
-class CharTokenizer:
-    """Maps each distinct character of a corpus to an id: the vocabulary is the sorted set of its characters."""
-
-    def __init__(self, chars: str):
-        self.chars = chars
-        self.stoi = {c: i for i, c in enumerate(chars)}
-
-    @classmethod
-    def from_text(cls, text: str) -> "CharTokenizer":
-        return cls("".join(sorted(set(text))))
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.chars)
-
-    def encode(self, text: str) -> list[int]:
-        return [self.stoi[c] for c in text]
-
-    def decode(self, ids) -> str:
-        return "".join(self.chars[i] for i in ids)
-
-
 class RandomWindows:
     """Training batches: `batch_size` random windows of `block_size + 1` tokens, split into inputs and targets.
 
@@ -78,7 +63,7 @@ class RandomWindows:
 
     def __init__(
         self,
-        data: torch.Tensor,
+        data: np.ndarray,
         block_size: int,
         batch_size: int,
         seed: int,
@@ -104,34 +89,54 @@ class RandomWindows:
             self.next_batch += 1
             starts = torch.randint(self.num_starts, (self.world_size * self.batch_size, 1), generator=generator)
             starts = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-            windows = self.data[starts + self.offsets]  # (B, T + 1), gathered in one indexing op
+            windows = torch.from_numpy(self.data[(starts + self.offsets).numpy()].astype(np.int64))  # (B, T + 1)
             yield windows[:, :-1], windows[:, 1:]
 
 
-def validation_windows(data: torch.Tensor, block_size: int, multiple: int = 1) -> TensorDataset:
+class ValidationWindows(Dataset):
     """Consecutive non-overlapping windows that predict every token of `data` after the first exactly once.
 
     The last window is padded, and whole padding windows are added up to a multiple of `multiple` windows; padded
     targets are IGNORE_INDEX, so they add nothing to the loss. A multiple of the world size is what DDP needs:
     Lightning's DistributedSampler then splits the windows evenly instead of repeating some to even the shares.
+    Each window is read from `data` (a memory map) when it is asked for: nothing is copied ahead.
     """
-    n = math.ceil(math.ceil((len(data) - 1) / block_size) / multiple) * multiple
-    x = torch.zeros(n * block_size, dtype=torch.long)
-    y = torch.full((n * block_size,), IGNORE_INDEX, dtype=torch.long)
-    x[: len(data) - 1] = data[:-1]
-    y[: len(data) - 1] = data[1:]
-    return TensorDataset(x.view(n, block_size), y.view(n, block_size))
+
+    def __init__(self, data: np.ndarray, block_size: int, multiple: int = 1):
+        self.data = data
+        self.block_size = block_size
+        self.num_windows = math.ceil(math.ceil((len(data) - 1) / block_size) / multiple) * multiple
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= i < self.num_windows:
+            raise IndexError(f"window {i} of {self.num_windows}")
+        T = self.block_size
+        tokens = torch.from_numpy(self.data[i * T : (i + 1) * T + 1].astype(np.int64))
+        n = max(0, len(tokens) - 1)  # targets in this window
+        if n == T:
+            return tokens[:-1], tokens[1:]
+        x, y = torch.zeros(T, dtype=torch.long), torch.full((T,), IGNORE_INDEX, dtype=torch.long)
+        x[:n], y[:n] = tokens[:n], tokens[1:]
+        return x, y
 
 
 class CharDataModule(L.LightningDataModule):
-    """A character-level corpus split 90/10 into training and validation.
+    """A corpus split 90/10 into training and validation, prepared once into a memory-mapped token file.
 
     Args:
-        path: a UTF-8 text file to train on; by default tiny-shakespeare, downloaded on first use into
-            data/tinyshakespeare/ under the working directory.
-        block_size: context length in characters, the T of every (B, T) batch.
+        path: a UTF-8 text file, or a folder: every *.txt under it in path order, with a newline after each file that
+            does not end with one. By default tiny-shakespeare, downloaded on first use into data/tinyshakespeare/.
+        block_size: context length in tokens, the T of every (B, T) batch.
         batch_size: windows per batch, for training and validation.
         train_fraction: the leading part of the text used for training; the rest is validation.
+        tokenizer: "chars", the sorted distinct characters of the text, or "bytes", the 256 byte values (any file,
+            any prompt).
+        val_tokens: a validation predicts the first this many tokens of the validation split (all of them when the
+            split is shorter; null: always all), so its time is bounded whatever the corpus size.
+        cache_dir: where prepared corpora are kept, one folder per text and tokenizer.
     """
 
     def __init__(
@@ -140,29 +145,38 @@ class CharDataModule(L.LightningDataModule):
         block_size: int = 64,
         batch_size: int = 32,
         train_fraction: float = 0.9,
+        tokenizer: Literal["chars", "bytes"] = "chars",
+        val_tokens: int | None = 250_000,
+        cache_dir: str = "data/prepared",
     ):
         super().__init__()
         if block_size < 1 or batch_size < 1:
             raise ValueError(f"--data.block_size {block_size} and --data.batch_size {batch_size} must both be >= 1")
+        if not 0 < train_fraction < 1:
+            raise ValueError(f"--data.train_fraction {train_fraction} must be between 0 and 1, e.g. 0.9")
+        if val_tokens is not None and val_tokens < 1:
+            raise ValueError(f"--data.val_tokens {val_tokens} must be >= 1, or null for the whole validation split")
+        if tokenizer not in ("chars", "bytes"):
+            raise ValueError(f"--data.tokenizer {tokenizer!r} is not one of chars, bytes")
         if path is None:
             file = download(SHAKESPEARE_URL, Path(SHAKESPEARE_CACHE), SHAKESPEARE_SHA256)
         else:
             file = Path(path)
-        text = read_text(file)
-        if not text:
-            raise ValueError(f"--data.path {file} is empty: pass a text file with some content")
+        self.corpus = corpus.load(file, tokenizer, Path(cache_dir))
+        tokens = self.corpus.tokens
         self.block_size = block_size
         self.batch_size = batch_size
-        self.tokenizer = CharTokenizer.from_text(text)
-        data = torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
-        n = int(train_fraction * len(data))
-        self.train_data, self.val_data = data[:n], data[n:]
+        self.tokenizer = self.corpus.tokenizer
+        n = int(train_fraction * len(tokens))
+        self.train_data, self.val_data = tokens[:n], tokens[n:]
         for split, part in (("training", self.train_data), ("validation", self.val_data)):
             if len(part) < block_size + 1:
                 raise ValueError(
-                    f"{file}: the {split} split has {len(part)} characters, fewer than one window of "
+                    f"{file}: the {split} split has {len(part)} {self.tokenizer.unit}, fewer than one window of "
                     f"block_size + 1 = {block_size + 1}: use a longer text or a smaller --data.block_size"
                 )
+        # the tokens a validation reads: its inputs and the val_tokens targets they predict
+        self.val_window = self.val_data if val_tokens is None else self.val_data[: val_tokens + 1]
 
     @property
     def vocab_size(self) -> int:
@@ -179,30 +193,38 @@ class CharDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         world_size = self.trainer.world_size if self.trainer else 1
-        return DataLoader(validation_windows(self.val_data, self.block_size, world_size), batch_size=self.batch_size)
+        windows = ValidationWindows(self.val_window, self.block_size, world_size)
+        return DataLoader(windows, batch_size=self.batch_size)
 
     def test_dataloader(self) -> DataLoader:
         # the 90/10 convention keeps no third split: `test` reports the validation split as test/loss
         return self.val_dataloader()
 
     def state_dict(self) -> dict:
-        # the vocabulary travels in every checkpoint, so a checkpoint alone is enough to generate text
-        return {"chars": self.tokenizer.chars}
+        # the tokenizer travels in every checkpoint, so a checkpoint alone is enough to generate text
+        return self.tokenizer.state()
 
     def load_state_dict(self, state: dict) -> None:
-        if state["chars"] != self.tokenizer.chars:
+        theirs = tokenizer_from_state(state)
+        if theirs.name != self.tokenizer.name:
             raise ValueError(
-                f"the checkpoint's vocabulary ({len(state['chars'])} characters) differs from this text's "
+                f"the checkpoint was trained with --data.tokenizer {theirs.name}, this run uses "
+                f"{self.tokenizer.name}: pass --data.tokenizer {theirs.name}"
+            )
+        if theirs.state() != self.tokenizer.state():
+            raise ValueError(
+                f"the checkpoint's vocabulary ({theirs.vocab_size} characters) differs from this text's "
                 f"({self.vocab_size}): resume with the --data.path the checkpoint was trained on"
             )
 
 
-def read_text(file: Path, flag: str = "--data.path") -> str:
+def read_text(file: Path, flag: str) -> str:
     """Read a UTF-8 text file, with one-line errors that name the flag it came from and what is wrong with it."""
-    if not file.exists():
+    kind = corpus.file_kind(file)
+    if kind == "missing":
         raise FileNotFoundError(f"{flag} {file} does not exist: pass a UTF-8 text file")
-    if file.is_dir():
-        raise IsADirectoryError(f"{flag} {file} is a directory: pass a UTF-8 text file")
+    if kind != "a regular file":
+        raise ValueError(f"{flag} {file} is {kind}, not a regular file: pass a UTF-8 text file")
     raw = file.read_bytes()
     try:
         return raw.decode("utf-8")

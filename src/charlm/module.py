@@ -6,7 +6,7 @@ import time
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 
 from charlm.models import IGNORE_INDEX, CharModel
 
@@ -52,6 +52,7 @@ class CharLM(L.LightningModule):
         self.save_hyperparameters(ignore=["net"])
         self.hparams["net"] = {"class_path": f"{type(net).__module__}.{type(net).__name__}", "init_args": net.config}
         self.eval_loss = MeanMetric()
+        self.eval_tokens = SumMetric()  # how many tokens a validation predicted (--data.val_tokens bounds it)
         self.saved_rng_states: dict | None = None
         self.log_window_start: float | None = None  # when the current train/tokens_per_sec window started
         self.tokens_since_log = 0
@@ -107,11 +108,14 @@ class CharLM(L.LightningModule):
         # weight each batch's mean loss by its real (unpadded) targets: the result is the exact per-token mean.
         # A batch of padding only (possible on one rank under DDP) has a NaN mean and weight 0: it adds 0 (torchmetrics
         # would drop the NaN itself, but warn about it)
-        self.eval_loss.update(loss.nan_to_num(), weight=(y != IGNORE_INDEX).sum())
+        targets = (y != IGNORE_INDEX).sum()
+        self.eval_loss.update(loss.nan_to_num(), weight=targets)
+        self.eval_tokens.update(targets)
 
     def _log_eval(self, split: str) -> None:
-        loss = self.eval_loss.compute()
+        loss, tokens = self.eval_loss.compute(), self.eval_tokens.compute()
         self.eval_loss.reset()
+        self.eval_tokens.reset()
         if not torch.isfinite(loss):
             raise ValueError(
                 f"the {split} loss is {loss.item()} after step {self.global_step}: stopped; the checkpoints saved "
@@ -121,6 +125,7 @@ class CharLM(L.LightningModule):
         # equal values (and keeps Lightning from warning that epoch-level values are not synced)
         self.log(f"{split}/loss", loss, prog_bar=True, sync_dist=True)
         self.log(f"{split}/bpc", loss / math.log(2), sync_dist=True)
+        self.log(f"{split}/tokens", tokens, sync_dist=True)
         if split == "val":  # TensorBoard's HPARAMS tab shows the latest: the final exact val loss
             self.log("hp_metric", loss, sync_dist=True)
 
