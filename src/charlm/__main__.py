@@ -21,6 +21,10 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
 
 from charlm.attention import attention_picture
 from charlm.callbacks import AttentionCallback, GenerationCallback
@@ -306,13 +310,57 @@ def attention_command(argv: list[str]) -> None:
         print(f"charlm: the text is longer than a picture fits: {note}", file=sys.stderr)
 
 
-COMMANDS = """usage: charlm {fit,validate,test,generate,attention} ...   (or python -m charlm ...)
+def visible(char: str) -> str:
+    """A character as it can be seen in a terminal: a space as ␣, a newline as \\n, other invisible ones escaped."""
+    if char in ("\n", "\t", "\r", " "):
+        return {"\n": "\\n", "\t": "\\t", "\r": "\\r", " ": "␣"}[char]
+    return char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+
+
+def data_command(argv: list[str]) -> None:
+    parser = ArgumentParser(
+        prog="charlm data",
+        description="A first look at a corpus: its size, alphabet, most frequent characters, opening and split. "
+        "It prepares the corpus (once), so a big one can be prepared ahead of training.",
+    )
+    parser.add_class_arguments(CharDataModule, "data")
+    args = parser.parse_args(argv)
+    dm = CharDataModule(**args.data.as_dict())
+    meta, tokenizer = dm.corpus.meta, dm.tokenizer
+    if tokenizer.name == "chars":
+        symbols = [visible(c) for c in tokenizer.chars]
+        opening = tokenizer.decode(dm.train_data[:500].tolist())
+    else:
+        symbols = [visible(chr(b)) if b < 128 else f"\\x{b:02x}" for b in range(256)]
+        opening = tokenizer.decode(dm.train_data[:2000].tolist())[:500]
+    present = [s for s, count in zip(symbols, meta["counts"]) if count]
+    alphabet = "".join(present[:300]) + (f" … and {len(present) - 300:,} more" if len(present) > 300 else "")
+    source = Path(meta["sources"][0]["path"]) if len(meta["sources"]) == 1 else f"{len(meta['sources'])} .txt files"
+    facts = Table(box=None, show_header=False, title="corpus", title_justify="left")
+    facts.add_row("source", str(source))
+    facts.add_row("text", f"{meta['characters']:,} characters, {meta['bytes']:,} bytes")
+    facts.add_row("tokenizer", f"{tokenizer.name}: a vocabulary of {tokenizer.vocab_size}, stored as {meta['dtype']}")
+    facts.add_row("alphabet", Text(alphabet))
+    facts.add_row("split", f"{len(dm.train_data):,} training and {len(dm.val_data):,} validation tokens")
+    facts.add_row("validation", f"each predicts the first {len(dm.val_window) - 1:,} validation tokens")
+    size = (dm.corpus.folder / "tokens.bin").stat().st_size / 1e6
+    facts.add_row("prepared", f"{dm.corpus.folder}/ (tokens.bin {size:,.1f} MB, meta.json)")
+    frequent = Table("", "count", "share", title="most frequent", title_justify="left", box=None)
+    total = sum(meta["counts"])
+    for count, symbol in sorted(zip(meta["counts"], symbols), reverse=True)[:10]:
+        frequent.add_row(symbol, f"{count:,}", f"{count / total:.2%}")
+    console = Console()
+    console.print(facts, frequent, Panel(Text(opening), title="the first 500 characters", title_align="left"))
+
+
+COMMANDS = """usage: charlm {fit,validate,test,generate,attention,data} ...   (or python -m charlm ...)
 
   fit        train a bigram or a GPT: --config, --model.*, --data.*, --trainer.*, --checkpoint.*, ...
   validate   the exact validation loss of a checkpoint
   test       the same, reported as test/loss
   generate   stream text from a checkpoint
   attention  save a picture of a GPT checkpoint's attention
+  data       a first look at a corpus (and its preparation, ahead of training)
 
 charlm COMMAND --help lists the command's flags."""
 
@@ -328,8 +376,8 @@ def main(args: list[str] | None = None) -> None:
     if argv[:1] in ([], ["-h"], ["--help"]):
         print(COMMANDS, file=sys.stdout if argv else sys.stderr)
         sys.exit(0 if argv else 2)
-    if not argv[0].startswith("-") and argv[0] not in ("fit", "validate", "test", "generate", "attention"):
-        sys.exit(f"charlm: error: {argv[0]!r} is not a command: use fit, validate, test, generate or attention")
+    if not argv[0].startswith("-") and argv[0] not in ("fit", "validate", "test", "generate", "attention", "data"):
+        sys.exit(f"charlm: error: {argv[0]!r} is not a command: use fit, validate, test, generate, attention or data")
     # Lightning's resume warnings do not apply: training batch n comes from (seed, n) alone, and a fresh run into a
     # folder that holds checkpoints is refused before it starts
     warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
@@ -346,6 +394,9 @@ def main(args: list[str] | None = None) -> None:
             return
         if argv[:1] == ["attention"]:
             attention_command(argv[1:])
+            return
+        if argv[:1] == ["data"]:
+            data_command(argv[1:])
             return
         CharLMCLI(
             CharLM,
