@@ -9,6 +9,7 @@ only where that newline or space lies further back than the previous character.
 
 import argparse
 
+import numpy as np
 import torch
 
 from charlm.data import CharDataModule
@@ -30,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
 
     net, tokenizer = load_net(args.ckpt_path)
-    val = CharDataModule(args.data_path).val_data
+    val = torch.from_numpy(CharDataModule(args.data_path).val_data.astype(np.int64))
     starts = torch.randint(len(val) - args.length, (args.windows,), generator=torch.Generator().manual_seed(0))
     idx = torch.stack([val[s : s + args.length] for s in starts.tolist()])  # (B, T)
     weights = net.attention(idx)  # (n_layer, B, n_head, T, T)

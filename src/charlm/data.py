@@ -135,7 +135,8 @@ class CharDataModule(L.LightningDataModule):
         tokenizer: "chars", the sorted distinct characters of the text, or "bytes", the 256 byte values (any file,
             any prompt).
         val_tokens: a validation predicts the first this many tokens of the validation split (all of them when the
-            split is shorter; null: always all), so its time is bounded whatever the corpus size.
+            split is shorter; null: always all), so its time is bounded whatever the corpus size. "auto": 250,000,
+            fewer for a vocabulary over 1,000 (250,000 x 1,000 / vocab_size), whose output layer costs more a token.
         cache_dir: where prepared corpora are kept, one folder per text and tokenizer.
     """
 
@@ -146,7 +147,7 @@ class CharDataModule(L.LightningDataModule):
         batch_size: int = 32,
         train_fraction: float = 0.9,
         tokenizer: Literal["chars", "bytes"] = "chars",
-        val_tokens: int | None = 250_000,
+        val_tokens: int | Literal["auto"] | None = "auto",
         cache_dir: str = "data/prepared",
     ):
         super().__init__()
@@ -154,8 +155,10 @@ class CharDataModule(L.LightningDataModule):
             raise ValueError(f"--data.block_size {block_size} and --data.batch_size {batch_size} must both be >= 1")
         if not 0 < train_fraction < 1:
             raise ValueError(f"--data.train_fraction {train_fraction} must be between 0 and 1, e.g. 0.9")
-        if val_tokens is not None and val_tokens < 1:
-            raise ValueError(f"--data.val_tokens {val_tokens} must be >= 1, or null for the whole validation split")
+        if val_tokens not in (None, "auto") and val_tokens < 1:
+            raise ValueError(
+                f"--data.val_tokens {val_tokens} must be >= 1, auto, or null for the whole validation split"
+            )
         if tokenizer not in ("chars", "bytes"):
             raise ValueError(f"--data.tokenizer {tokenizer!r} is not one of chars, bytes")
         if path is None:
@@ -175,6 +178,8 @@ class CharDataModule(L.LightningDataModule):
                     f"{file}: the {split} split has {len(part)} {self.tokenizer.unit}, fewer than one window of "
                     f"block_size + 1 = {block_size + 1}: use a longer text or a smaller --data.block_size"
                 )
+        if val_tokens == "auto":
+            val_tokens = min(250_000, 250_000_000 // self.vocab_size)
         # the tokens a validation reads: its inputs and the val_tokens targets they predict
         self.val_window = self.val_data if val_tokens is None else self.val_data[: val_tokens + 1]
 
