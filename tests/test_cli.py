@@ -210,14 +210,15 @@ def test_help_lists_every_command_and_an_unknown_one_is_an_error(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     usage = capsys.readouterr().out
-    assert all(f"\n  {command} " in usage for command in ("fit", "validate", "test", "generate", "attention"))
+    commands = ("fit", "validate", "test", "generate", "attention", "data")
+    assert all(f"\n  {command} " in usage for command in commands)
     with pytest.raises(SystemExit) as exit_info:
         main([])  # no command: the same text, as an error
     assert exit_info.value.code == 2 and capsys.readouterr().err == usage
     with pytest.raises(SystemExit) as exit_info:
         main(["train"])
     assert exit_info.value.code == (
-        "charlm: error: 'train' is not a command: use fit, validate, test, generate or attention"
+        "charlm: error: 'train' is not a command: use fit, validate, test, generate, attention or data"
     )
 
 
