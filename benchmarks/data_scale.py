@@ -144,7 +144,7 @@ def main() -> None:
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")])}
     corpora = [(size, False) for size in args.sizes] + ([(args.wide, True)] if args.wide else [])
     header = (
-        "| corpus | vocabulary | train / val tokens (val pass) | imports | first-run data setup | cached data setup "
+        "| corpus | vocabulary | training / validated tokens | imports | first-run data setup | cached data setup "
         "| process start to first step (first run) | one validation pass | training tokens/s | peak RSS |"
     )
     print(header)

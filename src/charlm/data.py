@@ -210,7 +210,10 @@ class CharDataModule(L.LightningDataModule):
         return self.tokenizer.state()
 
     def load_state_dict(self, state: dict) -> None:
-        theirs = tokenizer_from_state(state)
+        try:
+            theirs = tokenizer_from_state(state)
+        except ValueError as e:
+            raise ValueError(f"the checkpoint is not charlm's ({e}): pass a .ckpt file charlm saved") from None
         if theirs.name != self.tokenizer.name:
             raise ValueError(
                 f"the checkpoint was trained with --data.tokenizer {theirs.name}, this run uses "
