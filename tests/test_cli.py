@@ -343,11 +343,15 @@ def test_validate_and_generate_find_best_the_lowest_val_loss(trained, corpus, tm
             "--prompt_file checkpoints is a folder, not a regular file",
         ),
         (["--ckpt_path", "last", "--prompt_file", "truncated.ckpt"], "--prompt_file truncated.ckpt is not UTF-8"),
+        (["--ckpt_path", "last", "--prompt_file", "fifo"], "--prompt_file fifo is a FIFO, not a regular file"),
+        (["--ckpt_path", "last", "--prompt_file", "/dev/zero"], "--prompt_file /dev/zero is a device"),
     ],
 )
 def test_generate_bad_input_is_one_line_error(trained, tmp_path, monkeypatch, flags, message):
     cwd, *_ = trained
     monkeypatch.chdir(cwd)
+    if not (cwd / "fifo").exists():
+        os.mkfifo(cwd / "fifo")  # read, it would block forever
     data = (cwd / "checkpoints/gpt-cpu/last.ckpt").read_bytes()
     (cwd / "truncated.ckpt").write_bytes(data[: len(data) // 2])
     with pytest.raises(SystemExit) as exit_info:

@@ -35,18 +35,20 @@ def download(url: str, dest: Path, sha256: str) -> Path:
     """Fetch `url` into `dest` unless it is already there; the file only gets its name once its checksum matches."""
     if dest.is_file():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-            f.write(response.read())
+        with urllib.request.urlopen(url, timeout=60) as response:
+            data = response.read()
     except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(f"could not download {url} ({e}): check the network, or pass --data.path FILE") from None
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        raise OSError(
+            f"could not download {url} ({e}): check the network, put a copy of the file at {dest}, or pass "
+            "--data.path FILE"
+        ) from None
+    digest = hashlib.sha256(data).hexdigest()
     if digest != sha256:
-        tmp.unlink()
-        raise OSError(f"{url} has sha256 {digest}, expected {sha256}: the download was deleted, try again later")
+        raise OSError(f"{url} has sha256 {digest}, expected {sha256}: nothing was kept, try again later")
+    dest.parent.mkdir(parents=True, exist_ok=True)  # only now: a failed download leaves no empty folder behind
+    tmp = dest.with_name(dest.name + ".part")
+    tmp.write_bytes(data)
     os.replace(tmp, dest)
     return dest
 
