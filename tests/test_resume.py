@@ -144,6 +144,26 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_checkpoints(corpus, tmp_path, mo
     assert {p: p.read_bytes() for p in ckpts.glob("*.ckpt")} == before  # neither last nor best was overwritten
 
 
+def test_a_nan_validation_stops_the_run_before_any_checkpoint_of_those_weights(corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    blow_up = ["--model.lr", "1e38", "--model.min_lr", "0", "--model.warmup_steps", "0"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *tiny(corpus), *blow_up, "--trainer.val_check_interval", "1"])
+    assert str(exit_info.value.code).startswith("charlm: error: the val loss is nan after step 1: stopped")
+    assert not list((tmp_path / "checkpoints/gpt-cpu").glob("*.ckpt"))  # no "best" at val 0.0, no last.ckpt
+
+
+def test_validate_fails_on_weights_that_give_a_nan_loss(corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", *tiny(corpus, max_steps=2)])
+    ckpt = torch.load(tmp_path / "checkpoints/gpt-cpu/last.ckpt", weights_only=True)
+    ckpt["state_dict"]["net.ln_f.weight"].fill_(float("nan"))
+    torch.save(ckpt, tmp_path / "nan.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", *tiny(corpus), "--ckpt_path", "nan.ckpt"])
+    assert str(exit_info.value.code).startswith("charlm: error: the val loss is nan after step")
+
+
 def test_two_runs_cannot_write_into_one_checkpoint_folder(corpus, tmp_path):
     first = start(corpus, tmp_path, "--trainer.max_steps", "100000")
     wait_for_new_save(first, tmp_path / "checkpoints/gpt-cpu")

@@ -6,7 +6,7 @@ import time
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics import MeanMetric, SumMetric
+from torchmetrics import SumMetric
 
 from charlm.models import IGNORE_INDEX, CharModel
 
@@ -51,8 +51,10 @@ class CharLM(L.LightningModule):
         # plain values only (the net as class path and arguments), so checkpoints load with weights_only=True
         self.save_hyperparameters(ignore=["net"])
         self.hparams["net"] = {"class_path": f"{type(net).__module__}.{type(net).__name__}", "init_args": net.config}
-        self.eval_loss = MeanMetric()
-        self.eval_tokens = SumMetric()  # how many tokens a validation predicted (--data.val_tokens bounds it)
+        # the summed loss and the number of tokens a validation predicted (--data.val_tokens bounds it). "disable": a
+        # NaN loss reaches _log_eval, which stops the run; torchmetrics' default would drop it and report the rest
+        self.eval_loss_sum = SumMetric(nan_strategy="disable")
+        self.eval_tokens = SumMetric()
         self.saved_rng_states: dict | None = None
         self.log_window_start: float | None = None  # when the current train/tokens_per_sec window started
         self.tokens_since_log = 0
@@ -105,16 +107,17 @@ class CharLM(L.LightningModule):
     def _eval_step(self, batch) -> None:
         x, y = batch
         _, loss = self.net_forward(x, y)
-        # weight each batch's mean loss by its real (unpadded) targets: the result is the exact per-token mean.
-        # A batch of padding only (possible on one rank under DDP) has a NaN mean and weight 0: it adds 0 (torchmetrics
-        # would drop the NaN itself, but warn about it)
+        # each batch's mean loss times its real (unpadded) targets: summed and divided by all targets, the exact
+        # per-token mean. A batch of padding only (possible on one rank under DDP) has a NaN mean and 0 targets: it
+        # adds 0. Any other NaN is the model's, and stops the run in _log_eval
         targets = (y != IGNORE_INDEX).sum()
-        self.eval_loss.update(loss.nan_to_num(), weight=targets)
+        self.eval_loss_sum.update(torch.where(targets > 0, loss * targets, 0.0))
         self.eval_tokens.update(targets)
 
     def _log_eval(self, split: str) -> None:
-        loss, tokens = self.eval_loss.compute(), self.eval_tokens.compute()
-        self.eval_loss.reset()
+        tokens = self.eval_tokens.compute()
+        loss = self.eval_loss_sum.compute() / tokens
+        self.eval_loss_sum.reset()
         self.eval_tokens.reset()
         if not torch.isfinite(loss):
             raise ValueError(
