@@ -133,6 +133,13 @@ def files_and_contents(folder) -> dict:
         (["--model.net.init_args.dropout", "1.0"], "dropout=1.0 is outside [0, 1)"),
         (["--model.lr", "0"], "--model.lr 0.0 must be > 0"),
         (["--generation.max_new_tokens", "-1"], "--generation.max_new_tokens -1 must be >= 0"),
+        (["--generation.top_k", "0"], "--generation.top_k 0 must be >= 1"),
+        (["--generation.top_k", "-5"], "--generation.top_k -5 must be >= 1"),
+        (["--generation.prompt", ""], "--generation.prompt is empty"),
+        (["--generation.temperature", "-1"], "--generation.temperature -1.0 must be a number >= 0"),
+        (["--generation.seed", "100000000000000000000"], "--generation.seed 100000000000000000000 is outside"),
+        (["--model.weight_decay", "-5"], "--model.weight_decay -5.0 must be >= 0"),
+        (["--data.train_fraction", "-0.5"], "--data.train_fraction -0.5 must be between 0 and 1"),
         (["--trainer.max_steps", "0"], "--trainer.max_steps 0: training is step-based, set it to >= 1"),
         pytest.param(
             ["--trainer.accelerator", "cuda"],

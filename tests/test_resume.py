@@ -164,6 +164,17 @@ def test_validate_fails_on_weights_that_give_a_nan_loss(corpus, tmp_path, monkey
     assert str(exit_info.value.code).startswith("charlm: error: the val loss is nan after step")
 
 
+def test_a_symlinked_lock_is_refused_and_its_target_is_left_alone(corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    (tmp_path / "checkpoints/gpt-cpu").mkdir(parents=True)
+    (tmp_path / "checkpoints/gpt-cpu/.lock").symlink_to(tmp_path / "notes.txt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *tiny(corpus)])
+    assert "checkpoints/gpt-cpu/.lock cannot be opened" in str(exit_info.value.code)
+    assert (tmp_path / "notes.txt").read_text() == "my notes\n"
+
+
 def test_two_runs_cannot_write_into_one_checkpoint_folder(corpus, tmp_path):
     first = start(corpus, tmp_path, "--trainer.max_steps", "100000")
     wait_for_new_save(first, tmp_path / "checkpoints/gpt-cpu")

@@ -40,8 +40,17 @@ class GenerationCallback(L.Callback):
         top_k: int | None = None,
         seed: int = 1337,
     ):
+        # checked now, not at the first validation, after all the training before it
         if max_new_tokens < 0:
             raise ValueError(f"--generation.max_new_tokens {max_new_tokens} must be >= 0 (0 turns the samples off)")
+        if not prompt:
+            raise ValueError("--generation.prompt is empty: give at least one character (the default is a newline)")
+        if not 0 <= temperature < float("inf"):  # also refuses NaN
+            raise ValueError(f"--generation.temperature {temperature} must be a number >= 0 (0 is greedy)")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"--generation.top_k {top_k} must be >= 1, or null for every character")
+        if not -(2**63) <= seed < 2**64:
+            raise ValueError(f"--generation.seed {seed} is outside what a generator takes: use e.g. 1337")
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature

@@ -171,7 +171,13 @@ def lock_folder(folder: Path):
     next one. Temporary files left by a save that was cut short are removed once the lock is held.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    lock = open(folder / ".lock", "a+")
+    try:  # never through a symlink: the lock file is truncated below, and a link would empty its target
+        lock = os.fdopen(os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
+    except OSError as e:
+        raise OSError(
+            f"{folder}/.lock cannot be opened ({e.strerror}; a symbolic link is never followed): remove it, charlm "
+            "keeps its lock there"
+        ) from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

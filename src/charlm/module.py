@@ -43,6 +43,10 @@ class CharLM(L.LightningModule):
             raise ValueError(f"--model.min_lr {min_lr} must be between 0 and --model.lr {lr}")
         if warmup_steps < 0:
             raise ValueError(f"--model.warmup_steps {warmup_steps} must be >= 0")
+        if not weight_decay >= 0:
+            raise ValueError(f"--model.weight_decay {weight_decay} must be >= 0 (0 turns it off)")
+        if not 0 <= beta2 < 1:
+            raise ValueError(f"--model.beta2 {beta2} must be in [0, 1), e.g. 0.95 or 0.99")
         self.net = net
         # the net's forward, not the LightningModule, is compiled (Lightning 2.6.6 crashes on a compiled module that
         # logs), and not the net as a module: generation's one-position cached steps would each need a new graph.
