@@ -9,7 +9,6 @@ import torch
 
 from charlm.data import CharDataModule, RandomWindows, ValidationWindows, download
 from charlm.models import IGNORE_INDEX
-from charlm.tokenizers import CharTokenizer
 
 
 def windows(data, block_size, multiple=1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,7 +19,8 @@ def windows(data, block_size, multiple=1) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_tokenizer_round_trip_and_vocab_of_the_real_corpus(corpus):
     text = corpus.read_text()
-    tokenizer = CharTokenizer.from_text(text)
+    tokenizer = CharDataModule(str(corpus)).tokenizer
+    assert tokenizer.chars == "".join(sorted(set(text)))
     assert tokenizer.vocab_size == 65
     assert tokenizer.chars[0] == "\n" and tokenizer.chars[1] == " "  # sorted
     sample = text[:2000]

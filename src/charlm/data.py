@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from charlm import corpus
 from charlm.models import IGNORE_INDEX
-from charlm.tokenizers import tokenizer_from_state
+from charlm.tokenizers import TOKENIZERS, tokenizer_from_state
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -161,8 +161,8 @@ class CharDataModule(L.LightningDataModule):
             raise ValueError(
                 f"--data.val_tokens {val_tokens} must be >= 1, auto, or null for the whole validation split"
             )
-        if tokenizer not in ("chars", "bytes"):
-            raise ValueError(f"--data.tokenizer {tokenizer!r} is not one of chars, bytes")
+        if tokenizer not in TOKENIZERS:
+            raise ValueError(f"--data.tokenizer {tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
         if path is None:
             file = download(SHAKESPEARE_URL, Path(SHAKESPEARE_CACHE), SHAKESPEARE_SHA256)
         else:

@@ -23,10 +23,6 @@ class CharTokenizer:
         self.chars = chars
         self.stoi = {c: i for i, c in enumerate(chars)}
 
-    @classmethod
-    def from_text(cls, text: str) -> "CharTokenizer":
-        return cls("".join(sorted(set(text))))
-
     @property
     def vocab_size(self) -> int:
         return len(self.chars)
