@@ -106,7 +106,7 @@ def load(path: Path, tokenizer: str, cache_dir: Path) -> Corpus:
         raise ValueError(f"--data.path {path} is empty: pass a text file with some content")
     meta = read_meta(folder, tokenizer, sources)
     if meta is None:
-        meta = prepare(path, files, tokenizer, folder)
+        meta = prepare(path, files, tokenizer, folder, sources)
     tokens = np.memmap(folder / "tokens.bin", dtype=meta["dtype"], mode="r")
     return Corpus(tokens, tokenizer_from_state(meta), folder, meta)
 
@@ -145,7 +145,7 @@ def max_token(file: Path, dtype: str) -> int:
     return largest
 
 
-def prepare(path: Path, files: list[Path], tokenizer: str, folder: Path) -> dict:
+def prepare(path: Path, files: list[Path], tokenizer: str, folder: Path, sources: list[dict]) -> dict:
     """Encode the sources into folder/tokens.bin and write folder/meta.json, under folder's lock."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,6 @@ def prepare(path: Path, files: list[Path], tokenizer: str, folder: Path) -> dict
         except BlockingIOError:
             print(f"charlm: waiting for another run that is preparing {folder}", file=sys.stderr, flush=True)
             fcntl.flock(lock, fcntl.LOCK_EX)
-        sources = [fingerprint(f) for f in files]
         meta = read_meta(folder, tokenizer, sources)  # prepared by the run this one waited for
         return meta if meta is not None else write(path, files, tokenizer, folder, sources)
     finally:
