@@ -12,8 +12,8 @@ import argparse
 import numpy as np
 import torch
 
+from charlm.checkpoints import load_net
 from charlm.data import CharDataModule
-from charlm.sampling import load_net
 
 
 def last_position_of(idx: torch.Tensor, token: int) -> torch.Tensor:

@@ -18,8 +18,8 @@ from conftest import scalars, tiny
 from charlm.__main__ import main
 from charlm.data import CharDataModule
 from charlm.models import GPT
-from charlm.module import CharLM
 from charlm.tokenizers import ByteTokenizer
+from charlm.training import CharLM
 
 PREPARE = "from charlm.data import CharDataModule; CharDataModule({path!r}, tokenizer={tokenizer!r})"
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from charlm.models import GPT, Bigram, Linear
+from charlm.models import GPT, Bigram, RowSplitLinear
 from charlm.sampling import generate
 
 
@@ -57,7 +57,7 @@ def test_attention_weights_are_those_of_the_forward_pass(pos_emb):
 
 def test_a_single_position_through_the_row_split_linear_equals_nn_linear():
     torch.manual_seed(0)
-    layer = Linear(32, 96, bias=True)
+    layer = RowSplitLinear(32, 96, bias=True)
     x = torch.randn(1, 1, 32)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # two blocks of rows, whatever this machine has

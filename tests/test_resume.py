@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import scalars, tiny, wait_for_new_save
 
-from charlm import checkpointing
+from charlm import checkpoints
 from charlm.__main__ import main
 
 MAX_STEPS = 30
@@ -121,7 +121,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(corpus, tmp_pat
         f.write(b"half a checkpoint")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpointing.torch, "save", disk_full)  # the write itself fails, as on a full disk
+    monkeypatch.setattr(checkpoints.torch, "save", disk_full)  # the write itself fails, as on a full disk
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *tiny(corpus, max_steps=4), "--ckpt_path", "last"])
     assert str(exit_info.value.code).startswith(f"charlm: error: could not save {tmp_path}/checkpoints/gpt-cpu/")

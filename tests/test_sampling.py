@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from charlm.checkpoints import load_net
 from charlm.models import GPT, Bigram
-from charlm.sampling import generate, load_net, pick_next
+from charlm.sampling import generate, pick_next
 
 
 @pytest.fixture(params=["rope", "learned"])

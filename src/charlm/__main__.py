@@ -1,39 +1,38 @@
-"""`python -m charlm fit|validate|test|generate|attention`.
+"""`python -m charlm fit|validate|test|generate|attention|data`: one table of commands (COMMANDS).
 
 fit, validate and test are Lightning's own LightningCLI over CharLM and CharDataModule: the flags are the
 `__init__` signatures, `--model.*` (CharLM, with the net under `--model.net`), `--data.*` (CharDataModule),
 `--trainer.*`, `--checkpoint.*` (ResumableCheckpoint, a ModelCheckpoint), `--generation.*` (GenerationCallback) and
-`--attention.*` (AttentionCallback).
-generate and attention need neither a trainer nor data, only a checkpoint, so they have their own small parsers.
+`--attention.*` (AttentionCallback). generate, attention and data need no trainer: they are the functions below,
+their flags the functions' typed arguments, their --help the docstrings (jsonargparse).
 """
 
-import argparse
 import logging
 import os
 import re
 import sys
 import warnings
 from pathlib import Path
+from typing import Literal
 
-import lightning as L
 import torch
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt, restricted_number_type
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from charlm import checkpoints, sampling
 from charlm.attention import attention_picture
-from charlm.callbacks import AttentionCallback, GenerationCallback
-from charlm.checkpointing import ResumableCheckpoint, lock_folder, read_checkpoint
+from charlm.callbacks import AttentionCallback, GenerationCallback, TrainingSpeed
 from charlm.data import CharDataModule, read_text
-from charlm.models import GPT, CharModel
-from charlm.module import CharLM
-from charlm.sampling import generate, load_net
-from charlm.tokenizers import Tokenizer
+from charlm.models import GPT
+from charlm.training import CharLM, check_max_steps
+
+Probability = restricted_number_type("Probability", float, [(">", 0), ("<=", 1)])
 
 
 class ArgumentParser(LightningArgumentParser):
@@ -42,8 +41,24 @@ class ArgumentParser(LightningArgumentParser):
         if not self.exit_on_error:  # jsonargparse trying one type of a union: it handles the exception itself
             super().error(message, ex)
         prog = self.prog.replace(" [options]", "")
+        # of a union's errors, the first (not the one for None) says what is wrong
+        message = re.sub(
+            r"Does not validate .*?Errors:\s*- (.*?)\s*- Expected a <class 'NoneType'>", r"\1,", message, flags=re.S
+        )
         print(f"{prog}: error: {' '.join(message.split())} ({prog} --help lists the flags)", file=sys.stderr)
         sys.exit(2)
+
+
+class SaveConfigAtTrainStart(SaveConfigCallback):
+    """Write a fit's config.yaml once training starts: after ResumableCheckpoint has locked and checked its folder,
+    so a refused run overwrites no other run's config.yaml."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            super().setup(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().setup(trainer, pl_module, "fit")
 
 
 class CharLMCLI(LightningCLI):
@@ -52,7 +67,7 @@ class CharLMCLI(LightningCLI):
         return {name: args for name, args in LightningCLI.subcommands().items() if name != "predict"}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(checkpoints.ResumableCheckpoint, "checkpoint")
         parser.add_lightning_class_args(GenerationCallback, "generation")
         parser.add_lightning_class_args(AttentionCallback, "attention")
         parser.set_defaults(
@@ -62,8 +77,6 @@ class CharLMCLI(LightningCLI):
                 "checkpoint.filename": "step{step}-val{val/loss:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
                 "checkpoint.monitor": "val/loss",
-                "checkpoint.save_last": True,
-                "checkpoint.enable_version_counter": False,  # one last.ckpt per folder, also after a move
             }
         )
         # the data decides the vocabulary and the context length; the net is built to match
@@ -71,88 +84,58 @@ class CharLMCLI(LightningCLI):
         parser.link_arguments("data.block_size", "model.net.init_args.block_size")
 
     def before_instantiate_classes(self) -> None:
-        trainer = self.config[self.subcommand]["trainer"]
+        config = self.config[self.subcommand]
+        trainer = config["trainer"]
         if trainer.get("precision") is None:  # resolved here, so the run's saved config.yaml names it
             trainer["precision"] = default_precision(trainer.get("accelerator"))
+        if self.subcommand == "fit":  # before any file is written: a failed run still writes its log
+            check_max_steps(trainer["max_steps"])
+        self.ckpt = None
+        if config.get("ckpt_path") is not None:
+            path = checkpoints.resolve(config["ckpt_path"], Path(config["checkpoint"]["dirpath"] or "checkpoints"))
+            config["ckpt_path"] = str(path)  # Lightning loads the very file checked here
+            self.ckpt = checkpoints.read(path)
+            if self.subcommand == "fit":
+                resume_logging(trainer["logger"], self.ckpt)
 
-    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+    def _parse_ckpt_path(self) -> None:
+        """Lightning would merge a checkpoint's stored hyperparameters over the config; here the config decides and
+        `checkpoints.check_fits` refuses a checkpoint that does not fit it. Private, until a release has
+        Lightning-AI/pytorch-lightning#21408 (an `adapt_checkpoint_hparams` hook for #20801)."""
+
+    def before_fit(self) -> None:
+        self.check_ckpt()
+
+    def before_validate(self) -> None:
+        self.check_ckpt()
+
+    def before_test(self) -> None:
+        self.check_ckpt()
+
+    def check_ckpt(self) -> None:
+        if self.ckpt is not None:
+            checkpoints.check_fits(
+                self.ckpt, self.config_init[self.subcommand]["ckpt_path"], self.model, self.datamodule
+            )
+
+    def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand]["trainer"]
         callbacks = config.get("callbacks") or []
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            # Lightning's default bar (rich, when installed) redraws the terminal after every step: measured 1 ms a
-            # step on 2 cores, 4% of a gpt-cpu step. tqdm's costs 0.3 ms a redraw, so it redraws every 10 steps
-            # (the loss it shows changes only on the logged steps, every 10 by default)
-            kwargs["callbacks"] = [*callbacks, TQDMProgressBar(refresh_rate=10)]
+            kwargs["callbacks"] = [*callbacks, RichProgressBar(refresh_rate=10)]  # a redraw every step costs 1 ms
         return super().instantiate_trainer(**kwargs)
 
-    def _parse_ckpt_path(self) -> None:
-        """Lightning would let a checkpoint's stored hyperparameters override the config; here the config decides
-        and `_check_ckpt_path` refuses a checkpoint whose shapes do not fit it."""
 
-    def before_fit(self) -> None:
-        if self.trainer.max_steps < 1:
-            raise ValueError(f"--trainer.max_steps {self.trainer.max_steps}: training is step-based, set it to >= 1")
-        ckpt = self._check_ckpt_path()
-        checkpoint_callback = self.trainer.checkpoint_callback
-        folder = Path(checkpoint_callback.dirpath)
-        if self.trainer.is_global_zero:
-            lock = lock_folder(folder)
-            if ckpt is None and list(folder.glob("*.ckpt")):
-                lock.close()
-                raise FileExistsError(
-                    f"{folder}/ already holds checkpoints of an earlier run: resume it with --ckpt_path last, "
-                    "or pass --checkpoint.dirpath with a new folder"
-                )
-            checkpoint_callback.lock = lock  # released when the run ends, however it ends
-        logger = self.trainer.logger
-        if ckpt and isinstance(logger, TensorBoardLogger) and logger._version is None and logger._experiment is None:
-            log_folder = Path(logger.root_dir) / f"version_{ckpt.get('log_version')}"
-            if log_folder.is_dir():
-                # a resumed run goes on in the interrupted run's log folder; purge_step hides what that run logged
-                # after this checkpoint, so every step appears exactly once
-                logger._version = ckpt["log_version"]
-                logger._kwargs["purge_step"] = ckpt["global_step"]
-
-    def before_validate(self) -> None:
-        self._check_ckpt_path()
-
-    def before_test(self) -> None:
-        self._check_ckpt_path()
-
-    def _check_ckpt_path(self) -> dict | None:
-        """Load --ckpt_path; fail before any work if it names nothing, is no checkpoint, or does not fit the model."""
-        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
-        if ckpt_path is None:
-            return None
-        if ckpt_path in ("last", "best"):
-            folder = Path(self.trainer.checkpoint_callback.dirpath)
-            candidates = sorted(folder.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
-            if not candidates:
-                raise FileNotFoundError(
-                    f"--ckpt_path {ckpt_path}: no last.ckpt in {folder}/: train first, or pass a file"
-                )
-            path = candidates[-1] if ckpt_path == "last" else best_checkpoint(candidates[-1])
-            # Lightning loads the very file checked here (its own "best" knows only this process's checkpoints)
-            self.config_init[self.subcommand]["ckpt_path"] = str(path)
-        elif Path(ckpt_path).is_file():
-            path = Path(ckpt_path)
-        else:
-            raise FileNotFoundError(f"--ckpt_path {ckpt_path} is not a file: pass a .ckpt file, last or best")
-        ckpt = read_checkpoint(path)
-        saved = ckpt.get("state_dict")
-        if not isinstance(saved, dict) or "CharDataModule" not in ckpt:
-            raise ValueError(f"--ckpt_path {path} is not a charlm checkpoint: pass a .ckpt file charlm saved")
-        self.datamodule.load_state_dict(ckpt["CharDataModule"])  # the same vocabulary, or an error that says so
-        expected = self.model.state_dict()
-        for name in sorted(expected.keys() | saved.keys()):
-            if name not in saved or name not in expected or saved[name].shape != expected[name].shape:
-                there = list(saved[name].shape) if name in saved else "absent"
-                here = list(expected[name].shape) if name in expected else "absent"
-                raise ValueError(
-                    f"--ckpt_path {path} does not fit this model: {name} is {there} in the checkpoint and {here} in "
-                    "the config: use the config and flags it was trained with"
-                )
-        return ckpt
+def resume_logging(logger: dict | None, ckpt: dict) -> None:
+    """A resumed run logs on in the folder of the run it resumes, from the checkpoint's step: purge_step hides what
+    that run logged after the checkpoint, so every step appears once."""
+    if not logger or logger.get("class_path") != "lightning.pytorch.loggers.TensorBoardLogger":
+        return
+    version, step = checkpoints.log_position(ckpt)
+    init = logger["init_args"]
+    root = Path(init["save_dir"]) / (init.get("name") or "")
+    if init.get("version") is None and version is not None and (root / f"version_{version}").is_dir():
+        init["version"], init["purge_step"] = version, step
 
 
 def trainer_defaults() -> dict:
@@ -162,7 +145,8 @@ def trainer_defaults() -> dict:
         "val_check_interval": 350,
         "check_val_every_n_epoch": None,  # count val_check_interval in steps across epochs
         "log_every_n_steps": 10,
-        "plugins": [{"class_path": "charlm.checkpointing.AtomicCheckpointIO"}],
+        "callbacks": [TrainingSpeed()],
+        "plugins": [{"class_path": "charlm.checkpoints.AtomicCheckpointIO"}],
         "logger": {
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
             "init_args": {"save_dir": "logs", "name": "default"},
@@ -171,137 +155,104 @@ def trainer_defaults() -> dict:
 
 
 def default_precision(accelerator) -> str:
-    """Mixed precision when the run is on a CUDA GPU (bf16 where the GPU has it); float32 on a CPU, where bf16 is
-    emulated without native support (a forward and backward of gpt.yaml's model: 29 s under bf16 autocast, 1.3 s in
-    float32 on the 2-core build machine), also with --trainer.accelerator cpu on a machine with a GPU."""
+    """Mixed precision on a CUDA GPU (bf16 where the GPU has it); float32 on a CPU, also with --trainer.accelerator
+    cpu on a machine with a GPU: a CPU without native bf16 emulates it, many times slower."""
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "32-true"
 
 
-def bounded(kind: type, low: float, high: float | None = None, low_open: bool = False):
-    """An argparse type that accepts `kind` values in [low, high] ((low, high] with low_open) and names the range."""
-    allowed = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}]"
-
-    def parse(text: str):
-        value = kind(text)
-        if value < low or (low_open and value == low) or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{value} is outside the allowed range {allowed}")
-        return value
-
-    return parse
-
-
-def checkpoint_parser(command: str, description: str, prompt_help: str) -> argparse.ArgumentParser:
-    """The arguments that generate and attention share: a checkpoint, a prompt and a device."""
-    parser = argparse.ArgumentParser(prog=f"charlm {command}", description=description)
-    parser.add_argument(
-        "--ckpt_path",
-        required=True,
-        help="a .ckpt file, a folder of checkpoints, or last / best: the newest run under checkpoints/",
-    )
-    prompt = parser.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", default="", help=prompt_help)
-    prompt.add_argument("--prompt_file", type=Path, help="read the prompt from this UTF-8 file")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument(
-        "--unknown", choices=["error", "skip"], default="error", help="prompt characters the model never saw"
-    )
-    return parser
-
-
-def generate_parser() -> argparse.ArgumentParser:
-    parser = checkpoint_parser(
-        "generate", "Stream text from a trained checkpoint (the checkpoint is all it needs).", "text to continue"
-    )
-    parser.add_argument("--max_new_tokens", type=bounded(int, 0), default=500, help="characters to generate")
-    parser.add_argument("--temperature", type=bounded(float, 0), default=0.8, help="0 is greedy (argmax)")
-    parser.add_argument("--top_k", type=bounded(int, 1), help="sample among the k most likely characters")
-    parser.add_argument("--top_p", type=bounded(float, 0, 1, low_open=True), help="nucleus: smallest set reaching p")
-    parser.add_argument("--num_samples", type=bounded(int, 1), default=1, help="independent samples, one after another")
-    parser.add_argument("--seed", type=int, default=1337, help="same seed, checkpoint, arguments and device: same text")
-    return parser
-
-
-def find_checkpoint(ckpt_path: str) -> Path:
-    """Resolve --ckpt_path: a file, a folder (its newest last*.ckpt), or last / best under ./checkpoints/."""
-    if ckpt_path in ("last", "best"):
-        folder, pattern = Path("checkpoints"), "*/last*.ckpt"
-    else:
-        folder, pattern = Path(ckpt_path), "last*.ckpt"
-        if folder.is_file():
-            return folder
-        if not folder.is_dir():
-            raise FileNotFoundError(f"--ckpt_path {ckpt_path} does not exist: pass a .ckpt file, a folder, or last")
-    candidates = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no {pattern} in {folder.resolve()}/: train first")
-    return candidates[-1] if ckpt_path != "best" else best_checkpoint(candidates[-1])
-
-
-def best_checkpoint(last: Path) -> Path:
-    """The checkpoint with the lowest val/loss that a last.ckpt names, in the last.ckpt's folder (moved or not)."""
-    states = read_checkpoint(last).get("callbacks", {})
-    names = [Path(state["best_model_path"]).name for state in states.values() if state.get("best_model_path")]
-    if not names or not (last.parent / names[0]).is_file():
-        raise FileNotFoundError(f"--ckpt_path best: {last} names no best checkpoint that exists: pass a file")
-    return last.parent / names[0]
-
-
-def load_for(args: argparse.Namespace) -> tuple[Path, CharModel, str, Tokenizer, str]:
-    """The checkpoint, its net, the device, the tokenizer and the prompt that checkpoint_parser's arguments name."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+def load(ckpt_path: str, prompt: str, prompt_file: str | None, device: str, unknown: str):
+    """The checkpoint's file, net and tokenizer, the device and the prompt that generate and attention are given."""
+    if prompt and prompt_file:
+        raise ValueError("--prompt and --prompt_file both given: pass one of them")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is available here: use --device cpu or auto")
-    ckpt_path = find_checkpoint(args.ckpt_path)
-    net, tokenizer = load_net(ckpt_path, device)
-    prompt = read_text(args.prompt_file, "--prompt_file") if args.prompt_file else args.prompt
-    prompt = prompt or "\n"  # an empty prompt starts from a newline, like a new speech
-    unknown = tokenizer.unknown(prompt)
-    if unknown and args.unknown == "error":
+    path = checkpoints.resolve(ckpt_path, Path("checkpoints"))
+    net, tokenizer = checkpoints.load_net(path, device)
+    prompt = (read_text(Path(prompt_file), "--prompt_file") if prompt_file else prompt) or "\n"  # like a new speech
+    missing = tokenizer.unknown(prompt)
+    if missing and unknown == "error":
         raise ValueError(
-            f"the prompt has characters {unknown!r} that are not among the model's {tokenizer.vocab_size}: "
+            f"the prompt has characters {missing!r} that are not among the model's {tokenizer.vocab_size}: "
             "change the prompt, or pass --unknown skip to drop them"
         )
-    return ckpt_path, net, device, tokenizer, "".join(c for c in prompt if c not in set(unknown))
+    return path, net, tokenizer, device, "".join(c for c in prompt if c not in set(missing))
 
 
-def generate_command(argv: list[str]) -> None:
-    args = generate_parser().parse_args(argv)
-    ckpt_path, net, device, tokenizer, prompt = load_for(args)
-    print(f"charlm: sampling from {ckpt_path} on {device}", file=sys.stderr)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+def generate(
+    ckpt_path: str,
+    prompt: str = "",
+    prompt_file: str | None = None,
+    max_new_tokens: NonNegativeInt = 500,
+    temperature: NonNegativeFloat = 0.8,
+    top_k: PositiveInt | None = None,
+    top_p: Probability | None = None,
+    num_samples: PositiveInt = 1,
+    seed: int = 1337,
+    device: Literal["auto", "cpu", "cuda"] = "auto",
+    unknown: Literal["error", "skip"] = "error",
+) -> None:
+    """Stream text from a trained checkpoint to stdout (the checkpoint is all it needs).
+
+    Args:
+        ckpt_path: a .ckpt file; a folder (its last.ckpt, else the newest one a folder down); last: the newest run
+            under checkpoints/; best: that run's lowest val/loss.
+        prompt: the text to continue (empty: a newline).
+        prompt_file: read the prompt from this UTF-8 file instead.
+        max_new_tokens: characters to generate.
+        temperature: 0 is greedy (argmax).
+        top_k: sample among the k most likely characters.
+        top_p: nucleus: sample among the smallest set of characters whose probability reaches p.
+        num_samples: independent samples, one after another.
+        seed: the same seed, checkpoint, arguments and device give the same text.
+        device: where to run the model.
+        unknown: what to do with prompt characters the model never saw.
+    """
+    path, net, tokenizer, device, prompt = load(ckpt_path, prompt, prompt_file, device, unknown)
+    print(f"charlm: sampling from {path} on {device}", file=sys.stderr)
+    generator = torch.Generator(device=device).manual_seed(seed)
     idx = torch.tensor([tokenizer.encode(prompt)], device=device)
-    for i in range(args.num_samples):
-        if args.num_samples > 1:
-            sys.stdout.write(f"===== sample {i + 1} of {args.num_samples} =====\n")
+    for i in range(num_samples):
+        if num_samples > 1:
+            sys.stdout.write(f"===== sample {i + 1} of {num_samples} =====\n")
         sys.stdout.write(prompt)
-        tokens = generate(net, idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator)
         decoder = tokenizer.decoder()
-        for next_id in tokens:
+        for next_id in sampling.generate(net, idx, max_new_tokens, temperature, top_k, top_p, generator):
             sys.stdout.write(decoder.push(next_id.item()))
             sys.stdout.flush()  # stream: each character appears as soon as it is complete
         sys.stdout.write(decoder.flush() + "\n")
 
 
-def attention_command(argv: list[str]) -> None:
-    parser = checkpoint_parser(
-        "attention",
-        "Save a picture of a GPT checkpoint's attention over a text: every layer and head, characters on both axes.",
-        "the text to look at",
-    )
-    parser.add_argument("--out", type=Path, default=Path("attention.png"), help="the PNG file to write")
-    args = parser.parse_args(argv)
-    out = args.out
+def attention(
+    ckpt_path: str,
+    prompt: str = "",
+    prompt_file: str | None = None,
+    out: str = "attention.png",
+    device: Literal["auto", "cpu", "cuda"] = "auto",
+    unknown: Literal["error", "skip"] = "error",
+) -> None:
+    """Save a picture of a GPT checkpoint's attention over a text: every layer and head, characters on both axes.
+
+    Args:
+        ckpt_path: a .ckpt file, a folder, last or best, as for generate.
+        prompt: the text to look at.
+        prompt_file: read the text from this UTF-8 file instead.
+        out: the PNG file to write (written whole, then renamed onto the name).
+        device: where to run the model.
+        unknown: what to do with characters the model never saw.
+    """
+    out = Path(out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out {out}: the picture is a PNG: give a file name ending in .png")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"--out {out}: the folder {out.parent} does not exist: create it, or write elsewhere")
-    ckpt_path, net, _, tokenizer, prompt = load_for(args)
+    path, net, tokenizer, _, prompt = load(ckpt_path, prompt, prompt_file, device, unknown)
     if not isinstance(net, GPT):
-        raise ValueError(f"--ckpt_path {ckpt_path} holds a {type(net).__name__}, which has no attention: pass a GPT's")
+        raise ValueError(f"--ckpt_path {path} holds a {type(net).__name__}, which has no attention: pass a GPT's")
     image, note = attention_picture(net, tokenizer, tokenizer.encode(prompt))
-    tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed: never a half-written picture
+    tmp = out.with_name(f".{out.name}.tmp")  # never a half-written picture
     image.save(tmp, format="PNG", optimize=True)
     os.replace(tmp, out)
     n_layer, n_head = net.config["n_layer"], net.config["n_head"]
@@ -317,15 +268,15 @@ def visible(char: str) -> str:
     return char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
 
 
-def data_command(argv: list[str]) -> None:
-    parser = ArgumentParser(
-        prog="charlm data",
-        description="A first look at a corpus: its size, alphabet, most frequent characters, opening and split. "
-        "It prepares the corpus (once), so a big one can be prepared ahead of training.",
-    )
-    parser.add_class_arguments(CharDataModule, "data")
-    args = parser.parse_args(argv)
-    dm = CharDataModule(**args.data.as_dict())
+def data(data: CharDataModule) -> None:
+    """A first look at a corpus: its size, alphabet, most frequent characters, opening and split.
+
+    It prepares the corpus (once), so a big one can be prepared ahead of training.
+
+    Args:
+        data: the corpus and its split, as fit takes them (--data.path, --data.tokenizer, ...).
+    """
+    dm = data
     meta, tokenizer = dm.corpus.meta, dm.tokenizer
     if tokenizer.name == "chars":
         symbols = [visible(c) for c in tokenizer.chars]
@@ -353,16 +304,29 @@ def data_command(argv: list[str]) -> None:
     console.print(facts, frequent, Panel(Text(opening), title="the first 500 characters", title_align="left"))
 
 
-COMMANDS = """usage: charlm {fit,validate,test,generate,attention,data} ...   (or python -m charlm ...)
+COMMANDS = {
+    "fit": "train a bigram or a GPT: --config, --model.*, --data.*, --trainer.*, --checkpoint.*, ...",
+    "validate": "the exact validation loss of a checkpoint",
+    "test": "the same, reported as test/loss",
+    "generate": generate,
+    "attention": attention,
+    "data": data,
+}
 
-  fit        train a bigram or a GPT: --config, --model.*, --data.*, --trainer.*, --checkpoint.*, ...
-  validate   the exact validation loss of a checkpoint
-  test       the same, reported as test/loss
-  generate   stream text from a checkpoint
-  attention  save a picture of a GPT checkpoint's attention
-  data       a first look at a corpus (and its preparation, ahead of training)
 
-charlm COMMAND --help lists the command's flags."""
+def usage() -> str:
+    lines = [f"usage: charlm {{{','.join(COMMANDS)}}} ...   (or python -m charlm ...)", ""]
+    for name, command in COMMANDS.items():
+        about = command if isinstance(command, str) else command.__doc__.split("\n")[0].rstrip(".")
+        lines.append(f"  {name:<10} {about[0].lower()}{about[1:]}")
+    return "\n".join([*lines, "", "charlm COMMAND --help lists the command's flags."])
+
+
+def run(name: str, function, argv: list[str]) -> None:
+    """Parse argv into the function's typed arguments (a class-typed one is built from its flags) and call it."""
+    parser = ArgumentParser(prog=f"charlm {name}", description=function.__doc__.split("\n\n")[0])
+    parser.add_function_arguments(function, as_group=False)
+    function(**vars(parser.instantiate(parser.parse_args(argv))))
 
 
 def not_an_advert(record: logging.LogRecord) -> bool:
@@ -374,10 +338,11 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     # LightningCLI's own help and errors know only fit, validate and test
     if argv[:1] in ([], ["-h"], ["--help"]):
-        print(COMMANDS, file=sys.stdout if argv else sys.stderr)
+        print(usage(), file=sys.stdout if argv else sys.stderr)
         sys.exit(0 if argv else 2)
-    if not argv[0].startswith("-") and argv[0] not in ("fit", "validate", "test", "generate", "attention", "data"):
-        sys.exit(f"charlm: error: {argv[0]!r} is not a command: use fit, validate, test, generate, attention or data")
+    if not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        names = ", ".join(COMMANDS).rsplit(", ", 1)
+        sys.exit(f"charlm: error: {argv[0]!r} is not a command: use {' or '.join(names)}")
     # Lightning's resume warnings do not apply: training batch n comes from (seed, n) alone, and a fresh run into a
     # folder that holds checkpoints is refused before it starts
     warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
@@ -389,14 +354,9 @@ def main(args: list[str] | None = None) -> None:
     if torch.cuda.is_available():  # TF32 tensor cores for float32 matmuls, as nanoGPT; Lightning warns without it
         torch.set_float32_matmul_precision("high")
     try:
-        if argv[:1] == ["generate"]:
-            generate_command(argv[1:])
-            return
-        if argv[:1] == ["attention"]:
-            attention_command(argv[1:])
-            return
-        if argv[:1] == ["data"]:
-            data_command(argv[1:])
+        command = COMMANDS.get(argv[0])
+        if callable(command):
+            run(argv[0], command, argv[1:])
             return
         CharLMCLI(
             CharLM,
@@ -404,6 +364,7 @@ def main(args: list[str] | None = None) -> None:
             trainer_defaults=trainer_defaults(),
             seed_everything_default=1337,
             auto_configure_optimizers=False,
+            save_config_callback=SaveConfigAtTrainStart,
             save_config_kwargs={"overwrite": True},  # a resumed run rewrites config.yaml in the folder it goes on in
             parser_kwargs={"prog": "charlm"},
             parser_class=ArgumentParser,

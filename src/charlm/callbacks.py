@@ -1,6 +1,7 @@
-"""Training-time callbacks: text samples and attention pictures after each validation."""
+"""Training-time callbacks: the speed and learning rate, text samples and attention pictures after each validation."""
 
 import io
+import time
 
 import lightning as L
 import torch
@@ -11,6 +12,40 @@ from charlm.attention import MAX_CHARS, attention_picture
 from charlm.models import GPT
 from charlm.sampling import generate
 from charlm.tokenizers import Tokenizer
+
+
+class TrainingSpeed(L.Callback):
+    """Log `train/tokens_per_sec` (training tokens per second since the last logged step, in the progress bar too;
+    time spent validating, sampling and checkpointing after a validation left out) and `train/lr`.
+
+    On the logged steps only (every --trainer.log_every_n_steps). The learning rate is logged here, not by
+    LearningRateMonitor, which names it once per parameter group (train/lr/pg1, train/lr/pg2): the two groups
+    (with and without weight decay) share one schedule.
+    """
+
+    def __init__(self):
+        self.window_start: float | None = None
+        self.tokens = 0
+        self.paused_at: float | None = None  # when the last validation began; training resumes at the next batch
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
+        if self.paused_at is not None and self.window_start is not None:
+            self.window_start += time.perf_counter() - self.paused_at
+        self.paused_at = None
+        if (trainer.global_step + 1) % trainer.log_every_n_steps == 0:
+            pl_module.log("train/lr", trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        self.tokens += batch[0].numel() * trainer.world_size
+        if trainer.global_step % trainer.log_every_n_steps == 0:  # the step just taken is a logged one
+            now = time.perf_counter()
+            if self.window_start is not None:
+                pl_module.log("train/tokens_per_sec", self.tokens / (now - self.window_start), prog_bar=True)
+            self.window_start, self.tokens = now, 0
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.paused_at = time.perf_counter()
 
 
 def check_prompt(prompt: str, tokenizer: Tokenizer, flag: str) -> None:

@@ -1,4 +1,4 @@
-"""Generation: temperature, top-k and top-p sampling, the KV-cache loop, and loading a net from a checkpoint.
+"""Generation: temperature, top-k and top-p sampling and the KV-cache loop.
 
 One implementation serves `python -m charlm generate` and the training-time samples.
 
@@ -10,17 +10,13 @@ steps.
 """
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from charlm.checkpointing import read_checkpoint
-from charlm.models import GPT, Bigram, CharModel
-from charlm.tokenizers import Tokenizer, tokenizer_from_state
+from charlm.models import GPT, Net
 
-NETS = {f"{cls.__module__}.{cls.__name__}": cls for cls in (GPT, Bigram)}  # the only classes a checkpoint may name
 # attention kernels for generation: not cuDNN's, torch's first choice on an H100 (torch >= 2.10), which sets up a new
 # execution graph for every new pair of query and key lengths, and every generation step brings a new key length
 GENERATION_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -53,7 +49,7 @@ def pick_next(
 
 @torch.inference_mode()
 def generate(
-    net: CharModel,
+    net: Net,
     idx: torch.Tensor,
     max_new_tokens: int,
     temperature: float = 0.8,
@@ -89,25 +85,3 @@ def generate(
         finally:
             if cached:
                 net.clear_kv_cache()
-
-
-def load_net(ckpt_path: Path, device: torch.device | str = "cpu") -> tuple[CharModel, Tokenizer]:
-    """The net (in eval mode) and the tokenizer stored in a charlm checkpoint; nothing else is needed."""
-    ckpt = read_checkpoint(ckpt_path, device)
-    try:
-        net_config = ckpt["hyper_parameters"]["net"]
-        cls = NETS[net_config["class_path"]]
-        tokenizer_state = ckpt["CharDataModule"]
-        state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{ckpt_path} is not a charlm checkpoint (no {e}): pass a .ckpt file charlm saved") from None
-    try:
-        tokenizer = tokenizer_from_state(tokenizer_state)
-    except ValueError as e:
-        raise ValueError(f"{ckpt_path} is not a charlm checkpoint ({e}): pass a .ckpt file charlm saved") from None
-    init_args = net_config["init_args"]
-    if cls is GPT:
-        init_args = {"pos_emb": "learned"} | init_args  # checkpoints from before pos_emb existed learned positions
-    net = cls(**init_args)
-    net.load_state_dict(state)
-    return net.to(device).eval(), tokenizer

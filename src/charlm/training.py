@@ -1,14 +1,13 @@
 """The LightningModule: loss, logging, the optimizer and the learning-rate schedule around an injected net."""
 
 import math
-import time
 
 import lightning as L
 import torch
 from torch import nn
 from torchmetrics import SumMetric
 
-from charlm.models import IGNORE_INDEX, CharModel
+from charlm.models import IGNORE_INDEX, Net
 
 
 class CharLM(L.LightningModule):
@@ -35,7 +34,7 @@ class CharLM(L.LightningModule):
         compile: bool = False,
     ):
         super().__init__()
-        if not isinstance(net, CharModel):
+        if not isinstance(net, Net):
             raise ValueError(f"--model.net {type(net).__name__} is not a charlm model: use charlm.models.GPT or Bigram")
         if lr <= 0:
             raise ValueError(f"--model.lr {lr} must be > 0")
@@ -48,9 +47,8 @@ class CharLM(L.LightningModule):
         if not 0 <= beta2 < 1:
             raise ValueError(f"--model.beta2 {beta2} must be in [0, 1), e.g. 0.95 or 0.99")
         self.net = net
-        # the net's forward, not the LightningModule, is compiled (Lightning 2.6.6 crashes on a compiled module that
-        # logs), and not the net as a module: generation's one-position cached steps would each need a new graph.
-        # The net's parameter names stay the same, so checkpoints load with or without compile
+        # the net's forward, not the LightningModule (which logs) nor the net as a module (generation's one-position
+        # cached steps would each need a new graph); the parameter names stay, so checkpoints load either way
         self.net_forward = torch.compile(net.forward) if compile else net.forward
         # plain values only (the net as class path and arguments), so checkpoints load with weights_only=True
         self.save_hyperparameters(ignore=["net"])
@@ -59,11 +57,6 @@ class CharLM(L.LightningModule):
         # NaN loss reaches _log_eval, which stops the run; torchmetrics' default would drop it and report the rest
         self.eval_loss_sum = SumMetric(nan_strategy="disable")
         self.eval_tokens = SumMetric()
-        self.saved_rng_states: dict | None = None
-        self.log_window_start: float | None = None  # when the current train/tokens_per_sec window started
-        self.tokens_since_log = 0
-        self.validation_seconds = 0.0  # validation time in the window, left out of the throughput
-        self.validation_start = 0.0
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -74,19 +67,8 @@ class CharLM(L.LightningModule):
                 f"the training loss is {loss.item()} at step {self.global_step + 1}: stopped; the checkpoints saved "
                 "so far are kept: lower --model.lr, or check the data"
             )
-        self.tokens_since_log += x.numel() * self.trainer.world_size
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            # only on the steps the logger writes (as Lightning decides them), and self.log for the loss alone: it
-            # costs about 0.5 ms a call on a CPU. The rest goes straight to the loggers, as LearningRateMonitor does
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # self.log costs 0.5 ms: only when written
             self.log("train/loss", loss, prog_bar=True)
-            metrics = {"train/lr": self.lr_schedulers().get_last_lr()[0]}
-            now = time.perf_counter()
-            if self.log_window_start is not None:  # training tokens per second since the last logged step
-                seconds = now - self.log_window_start - self.validation_seconds
-                metrics["train/tokens_per_sec"] = self.tokens_since_log / seconds
-            self.log_window_start, self.tokens_since_log, self.validation_seconds = now, 0, 0.0
-            for logger in self.loggers:
-                logger.log_metrics(metrics, step=self.global_step)
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -94,13 +76,6 @@ class CharLM(L.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._eval_step(batch)
-
-    def on_validation_start(self) -> None:
-        self.validation_start = time.perf_counter()
-
-    def on_validation_end(self) -> None:
-        # after the callbacks' on_validation_end, so the samples and checkpoints of a validation count as validation
-        self.validation_seconds += time.perf_counter() - self.validation_start
 
     def on_validation_epoch_end(self):
         self._log_eval("val")
@@ -136,33 +111,15 @@ class CharLM(L.LightningModule):
         if split == "val":  # TensorBoard's HPARAMS tab shows the latest: the final exact val loss
             self.log("hp_metric", loss, sync_dist=True)
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # dropout draws from the global generators: with their states saved, a resumed run draws what this one would
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "cuda": cuda}
-        checkpoint["log_version"] = self.logger.version if self.logger else None  # where a resumed run logs on
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.saved_rng_states = checkpoint.get("rng_states")
-
-    def on_train_start(self) -> None:
-        # restored here, after the sanity check and everything else that runs between loading and training
-        if self.saved_rng_states is not None:
-            torch.set_rng_state(self.saved_rng_states["torch"])
-            if self.saved_rng_states["cuda"]:
-                torch.cuda.set_rng_state_all(self.saved_rng_states["cuda"])
-            self.saved_rng_states = None
-
     def configure_optimizers(self):
-        if self.trainer.max_steps < 1:
-            raise ValueError(f"--trainer.max_steps {self.trainer.max_steps}: training is step-based, set it to >= 1")
+        check_max_steps(self.trainer.max_steps)
         decay = [p for p in self.net.parameters() if p.dim() >= 2]  # matrices and embeddings
         no_decay = [p for p in self.net.parameters() if p.dim() < 2]  # biases and norm gains
         groups = [
             {"params": decay, "weight_decay": self.hparams.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        # fused: one kernel for the whole update, 5% of a gpt-cpu step faster than the default on 2 cores
+        # fused: one kernel for the whole update, faster than the default loop over tensors
         fused = self.device.type in ("cpu", "cuda")
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=(0.9, self.hparams.beta2), fused=fused)
         warmup, total = self.hparams.warmup_steps, self.trainer.max_steps
@@ -177,3 +134,8 @@ class CharLM(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_max_steps(max_steps: int) -> None:
+    if max_steps < 1:
+        raise ValueError(f"--trainer.max_steps {max_steps}: training is step-based, set it to >= 1")

@@ -12,10 +12,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from charlm.callbacks import GenerationCallback
+from charlm.callbacks import GenerationCallback, TrainingSpeed
 from charlm.data import CharDataModule, ValidationWindows
 from charlm.models import GPT, Bigram
-from charlm.module import CharLM
+from charlm.training import CharLM
 
 
 def trainer(tmp_path, **kwargs) -> L.Trainer:
@@ -61,7 +61,8 @@ def test_fit_learns_a_tiny_text_with_warmup_then_cosine_decay(tiny_text, tmp_pat
     dm = CharDataModule(path=str(tiny_text), block_size=16, batch_size=16)
     model = CharLM(Bigram(vocab_size=dm.vocab_size), lr=0.1, min_lr=0.01, warmup_steps=5, weight_decay=0.0)
     logger = TensorBoardLogger(tmp_path, name="tiny")
-    fit = trainer(tmp_path, max_steps=60, val_check_interval=30, check_val_every_n_epoch=None, logger=logger)
+    steps = dict(max_steps=60, val_check_interval=30, check_val_every_n_epoch=None)
+    fit = trainer(tmp_path, **steps, logger=logger, callbacks=[TrainingSpeed()])
     fit.fit(model, datamodule=dm)
 
     events = EventAccumulator(logger.log_dir)
