@@ -96,27 +96,18 @@ class CharLMCLI(LightningCLI):
             config["ckpt_path"] = str(path)  # Lightning loads the very file checked here
             self.ckpt = checkpoints.read(path)
             if self.subcommand == "fit":
-                resume_logging(trainer["logger"], self.ckpt)
+                checkpoints.resume_logging(trainer["logger"], self.ckpt)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning would merge a checkpoint's stored hyperparameters over the config; here the config decides and
         `checkpoints.check_fits` refuses a checkpoint that does not fit it. Private, until a release has
         Lightning-AI/pytorch-lightning#21408 (an `adapt_checkpoint_hparams` hook for #20801)."""
 
-    def before_fit(self) -> None:
-        self.check_ckpt()
-
-    def before_validate(self) -> None:
-        self.check_ckpt()
-
-    def before_test(self) -> None:
-        self.check_ckpt()
-
-    def check_ckpt(self) -> None:
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
         if self.ckpt is not None:
-            checkpoints.check_fits(
-                self.ckpt, self.config_init[self.subcommand]["ckpt_path"], self.model, self.datamodule
-            )
+            ckpt_path = self.config_init[self.subcommand]["ckpt_path"]
+            checkpoints.check_fits(self.ckpt, ckpt_path, self.model, self.datamodule)
 
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand]["trainer"]
@@ -124,18 +115,6 @@ class CharLMCLI(LightningCLI):
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             kwargs["callbacks"] = [*callbacks, RichProgressBar(refresh_rate=10)]  # a redraw every step costs 1 ms
         return super().instantiate_trainer(**kwargs)
-
-
-def resume_logging(logger: dict | None, ckpt: dict) -> None:
-    """A resumed run logs on in the folder of the run it resumes, from the checkpoint's step: purge_step hides what
-    that run logged after the checkpoint, so every step appears once."""
-    if not logger or logger.get("class_path") != "lightning.pytorch.loggers.TensorBoardLogger":
-        return
-    version, step = checkpoints.log_position(ckpt)
-    init = logger["init_args"]
-    root = Path(init["save_dir"]) / (init.get("name") or "")
-    if init.get("version") is None and version is not None and (root / f"version_{version}").is_dir():
-        init["version"], init["purge_step"] = version, step
 
 
 def trainer_defaults() -> dict:

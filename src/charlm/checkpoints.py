@@ -290,10 +290,15 @@ def check_fits(ckpt: dict, path: Path, model: L.LightningModule, datamodule: L.L
             )
 
 
-def log_position(ckpt: dict) -> tuple[int | None, int]:
-    """The TensorBoard version a checkpoint's run logged into (None if unknown) and the step it was saved at."""
-    version = ckpt.get("log_version")
-    return (version if isinstance(version, int) and version >= 0 else None), int(ckpt.get("global_step", 0))
+def resume_logging(logger: dict | None, ckpt: dict) -> None:
+    """Point a fit's TensorBoardLogger config at the folder of the run a checkpoint resumes, from its step:
+    purge_step hides what that run logged after the checkpoint, so every step appears once."""
+    if not logger or logger.get("class_path") != "lightning.pytorch.loggers.TensorBoardLogger":
+        return
+    version, init = ckpt.get("log_version"), logger["init_args"]
+    folder = Path(init["save_dir"]) / (init.get("name") or "") / f"version_{version}"
+    if init.get("version") is None and isinstance(version, int) and version >= 0 and folder.is_dir():
+        init["version"], init["purge_step"] = version, int(ckpt.get("global_step", 0))
 
 
 def load_net(path: Path, device: torch.device | str = "cpu") -> tuple[Net, Tokenizer]:
