@@ -2,8 +2,10 @@
 
 import io
 import os
+import pty
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -449,3 +451,45 @@ def test_a_compiled_run_saves_checkpoints_that_load_without_compile(corpus, tmp_
     result = charlm("validate", *args, "--ckpt_path", "last", cwd=tmp_path)  # eager
     assert result.returncode == 0, result.stderr
     assert scalars(tmp_path / "logs/gpt-cpu/version_1")["val/loss"][-1][1] == pytest.approx(compiled, abs=1e-4)
+
+
+def test_a_fit_into_a_file_prints_plain_progress_lines_and_a_summary_of_where_everything_is(corpus, tmp_path):
+    result = charlm("fit", *tiny(corpus), "--trainer.enable_progress_bar", "true", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert re.fullmatch(
+        r"step 2/4  train/loss \d\.\d{3}  val/loss \d\.\d{3}  tokens/s [\d,]+",
+        lines[lines.index("--- sample at step 2 ---") - 2],
+    )
+    assert not any("━" in line and "/4" in line for line in lines) and "\x1b[" not in result.stdout  # no bar
+    ckpts = tmp_path / "checkpoints/gpt-cpu"
+    (best,) = ckpts.glob("step*-val*.ckpt")
+    assert re.fullmatch(r"charlm: trained to step 4, val/loss \d\.\d{4}", lines[-5])
+    assert lines[-4:] == [
+        f"  last    {ckpts}/last.ckpt",
+        f"  best    {best} (val/loss {best.stem[-6:]})",
+        "  curves  logs/gpt-cpu/version_0 (tensorboard --logdir logs)",
+        f"  sample  python -m charlm generate --ckpt_path {ckpts}",
+    ]
+
+
+def test_a_fit_in_a_terminal_draws_the_rich_bar_counting_steps(corpus, tmp_path):
+    primary, secondary = pty.openpty()
+    command = [sys.executable, "-m", "charlm", "fit", *tiny(corpus), "--trainer.enable_progress_bar", "true"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=secondary, stderr=subprocess.DEVNULL)
+    os.close(secondary)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the terminal closed: the run ended
+            break
+        if not chunk:
+            break
+        screen += chunk
+    assert process.wait(timeout=300) == 0
+    text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", screen.decode())
+    assert re.search(r"step ━+ 4/4 .*train/loss: \d\.\d{3}", text)
+    assert "tokens/s: " in text and "v_num" not in text
+    # Lightning's "Epoch 0/-2" stands only in the bar's first frame, before the first step
+    assert text.count("Epoch") == 1 and re.findall(r"Epoch 0/-2 ━+ (\d)/4", text) == ["0"]

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt, restricted_number_type
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from rich.console import Console
 from rich.panel import Panel
@@ -27,7 +27,7 @@ from rich.text import Text
 
 from charlm import checkpoints, sampling
 from charlm.attention import attention_picture
-from charlm.callbacks import AttentionCallback, GenerationCallback, TrainingSpeed
+from charlm.callbacks import AttentionCallback, GenerationCallback, StepBar, StepLines, TrainingSpeed
 from charlm.data import CharDataModule, read_text
 from charlm.models import GPT
 from charlm.training import CharLM, check_max_steps
@@ -103,6 +103,27 @@ class CharLMCLI(LightningCLI):
         `checkpoints.check_fits` refuses a checkpoint that does not fit it. Private, until a release has
         Lightning-AI/pytorch-lightning#21408 (an `adapt_checkpoint_hparams` hook for #20801)."""
 
+    def after_fit(self) -> None:
+        """Where the run's checkpoints and curves are, and how to sample from it."""
+        trainer, saver = self.trainer, self.trainer.checkpoint_callback
+        if not trainer.is_global_zero:
+            return
+        rows = {"last": saver.last_model_path, "best": saver.best_model_path}
+        if saver.best_model_score is not None:
+            rows["best"] += f" (val/loss {saver.best_model_score:.4f})"
+        if trainer.logger is not None:
+            log_dir = Path(trainer.logger.log_dir)
+            rows["curves"] = f"{log_dir} (tensorboard --logdir {log_dir.parent.parent})"
+        rows["sample"] = f"python -m charlm generate --ckpt_path {saver.dirpath}"
+        loss = trainer.callback_metrics.get("val/loss")
+        console = Console(soft_wrap=True, highlight=False)
+        console.print(
+            f"[bold]charlm: trained to step {trainer.global_step}[/]" + (f", val/loss {loss:.4f}" if loss else "")
+        )
+        for name, value in rows.items():
+            if value:
+                console.print(f"  [bold]{name:<7}[/]", Text(value))
+
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         if self.ckpt is not None:
@@ -113,7 +134,7 @@ class CharLMCLI(LightningCLI):
         config = self.config_init[self.subcommand]["trainer"]
         callbacks = config.get("callbacks") or []
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            kwargs["callbacks"] = [*callbacks, RichProgressBar(refresh_rate=10)]  # a redraw every step costs 1 ms
+            kwargs["callbacks"] = [*callbacks, StepBar() if sys.stdout.isatty() else StepLines()]
         return super().instantiate_trainer(**kwargs)
 
 

@@ -1,10 +1,11 @@
-"""Training-time callbacks: the speed and learning rate, text samples and attention pictures after each validation."""
+"""Training-time callbacks: the progress bars, the speed and learning rate, text samples and attention pictures."""
 
 import io
 import time
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.compat.proto.summary_pb2 import Summary
 
@@ -12,6 +13,62 @@ from charlm.attention import MAX_CHARS, attention_picture
 from charlm.models import GPT
 from charlm.sampling import generate
 from charlm.tokenizers import Tokenizer
+
+
+def shown(metrics: dict) -> dict[str, str]:
+    """What the progress bars show: the losses and the training speed, rounded; not Lightning's version number."""
+    text = {name: f"{value:.3f}" for name, value in metrics.items() if name.endswith("/loss")}
+    if "train/tokens_per_sec" in metrics:
+        text["tokens/s"] = f"{metrics['train/tokens_per_sec']:,.0f}"
+    return text
+
+
+class StepBar(RichProgressBar):
+    """Lightning's rich progress bar, counting steps, redrawn every `every` steps, with the losses and tokens/s."""
+
+    def __init__(self, every: int = 10):
+        super().__init__(refresh_rate=1)  # redraws a second besides, for the clock
+        self.every = every
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        if self.progress is not None:  # not Lightning's "Epoch 0/-2": a run counted in steps has no last epoch
+            self.progress.update(self.train_progress_bar_id, description="step")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every == 0 or trainer.global_step == trainer.max_steps:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        return shown(super().get_metrics(trainer, pl_module))
+
+
+class StepLines(ProgressBar):
+    """The progress as lines of plain text, for a log file: every `every` steps and after each validation."""
+
+    def __init__(self, every: int = 100):
+        super().__init__()
+        self.every = every
+        self.enabled = True
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every == 0:
+            self.write(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self.write(trainer, pl_module)
+
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.enabled:
+            metrics = "  ".join(f"{k} {v}" for k, v in shown(self.get_metrics(trainer, pl_module)).items())
+            print(f"step {trainer.global_step}/{trainer.max_steps}  {metrics}", flush=True)
 
 
 class TrainingSpeed(L.Callback):
@@ -142,8 +199,7 @@ class AttentionCallback(L.Callback):
         tokenizer = trainer.datamodule.tokenizer
         ids = tokenizer.encode(self.prompt) if self.prompt else trainer.datamodule.val_data[:MAX_CHARS].tolist()
         image, _ = attention_picture(pl_module.net, tokenizer, ids)
-        # the PNG written here, not by add_image, which turns the pixels into float32 and back first: for gpt.yaml's
-        # 6 x 6 heads (4792 x 4920 pixels) add_image took 1.6 s on the 2-core build machine, the PNG alone 0.6 s
+        # the PNG written here: add_image turns the pixels into float32 and back first, 2.7 times slower
         png = io.BytesIO()
         image.save(png, format="PNG")
         picture = Summary.Image(

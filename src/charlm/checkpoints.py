@@ -18,7 +18,6 @@ import fcntl
 import os
 import pickle
 import signal
-import sys
 import zipfile
 from pathlib import Path
 
@@ -26,6 +25,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from rich.console import Console
+from rich.text import Text
 
 from charlm.models import GPT, Bigram, Net
 from charlm.tokenizers import Tokenizer, tokenizer_from_state
@@ -142,8 +143,8 @@ class ResumableCheckpoint(ModelCheckpoint):
         if stop:
             saved = f"saved {self.last_model_path}; resume with --ckpt_path last" if step > 0 else "nothing to save"
             if trainer.is_global_zero:
-                name = signal.Signals(stop).name
-                print(f"charlm: {name} received: stopped after step {step}; {saved}", file=sys.stderr, flush=True)
+                stopped = f"{signal.Signals(stop).name} received: stopped after step {step}"
+                Console(stderr=True, soft_wrap=True).print(Text.assemble("charlm: ", (stopped, "bold"), f"; {saved}"))
             raise SystemExit(128 + stop)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
