@@ -45,6 +45,7 @@ class ArgumentParser(LightningArgumentParser):
         message = re.sub(
             r"Does not validate .*?Errors:\s*- (.*?)\s*- Expected a <class 'NoneType'>", r"\1,", message, flags=re.S
         )
+        message = re.sub(r",? Given value type: <class '\w+'>", "", message)  # the value given says enough
         print(f"{prog}: error: {' '.join(message.split())} ({prog} --help lists the flags)", file=sys.stderr)
         sys.exit(2)
 
