@@ -31,6 +31,27 @@ def in_tmp_path(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MiB filesystem (tmpfs), where the machine lets this process mount one."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def fill(folder: Path, leave: int) -> None:
+    """Take the space left on the filesystem that holds folder, but for about `leave` bytes."""
+    with open(folder / "filler", "wb", buffering=0) as f:  # unbuffered: nothing left to fail at close
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            f.truncate(max(0, f.tell() - leave))
+
+
+@pytest.fixture
 def tiny_text(tmp_path) -> Path:
     """A short repetitive text that a small model can learn almost perfectly."""
     path = tmp_path / "tiny.txt"

@@ -251,17 +251,6 @@ def test_a_text_that_changes_while_it_is_prepared_is_refused_and_nothing_is_kept
     assert len(CharDataModule(str(tmp_path / "growing.txt")).train_data) > 0  # still now: prepared
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 2 MiB filesystem (tmpfs), where the machine lets this process mount one."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
-
-
 def test_a_full_disk_while_preparing_is_one_line_and_leaves_no_partial_files(tmp_path, small_disk):
     ascii_text(tmp_path / "big.txt", 3)
     with pytest.raises(OSError) as error:

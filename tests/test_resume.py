@@ -4,7 +4,6 @@ The promise under test: the newest checkpoint on disk is always whole, and a res
 have happened without the interruption: bitwise the same weights, and curves with every step exactly once.
 """
 
-import errno
 import random
 import signal
 import subprocess
@@ -13,9 +12,8 @@ import time
 
 import pytest
 import torch
-from conftest import scalars, tiny, wait_for_new_save
+from conftest import charlm, fill, scalars, tiny, wait_for_new_save
 
-from charlm import checkpoints
 from charlm.__main__ import main
 
 MAX_STEPS = 30
@@ -111,23 +109,21 @@ def test_sigkill_at_random_moments_and_during_saves_then_resume(corpus, tmp_path
     assert_same_run(tmp_path, uninterrupted)
 
 
-def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(corpus, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    main(["fit", *tiny(corpus, max_steps=2)])
-    last = tmp_path / "checkpoints/gpt-cpu/last.ckpt"
-    before = last.read_bytes()
-
-    def disk_full(obj, f):
-        f.write(b"half a checkpoint")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(checkpoints.torch, "save", disk_full)  # the write itself fails, as on a full disk
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *tiny(corpus, max_steps=4), "--ckpt_path", "last"])
-    assert str(exit_info.value.code).startswith(f"charlm: error: could not save {tmp_path}/checkpoints/gpt-cpu/")
-    assert "(No space left on device): the checkpoints already there are intact" in str(exit_info.value.code)
-    assert last.read_bytes() == before
-    assert not list(last.parent.glob(".saving-*")) and len(list(last.parent.glob("*.ckpt"))) == 2  # last and best
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(corpus, tmp_path, small_disk):
+    ckpts = small_disk / "ckpts"
+    run = ["fit", *tiny(corpus, max_steps=2), "--checkpoint.dirpath", str(ckpts)]
+    assert charlm(*run, cwd=tmp_path).returncode == 0
+    before = {p.name: p.read_bytes() for p in ckpts.glob("*.ckpt")}
+    fill(small_disk, leave=100_000)  # half a checkpoint: the disk fills while torch writes a tensor
+    resumed = charlm(*run, "--trainer.max_steps", "4", "--ckpt_path", "last", cwd=tmp_path)
+    assert resumed.returncode == 1 and "Traceback" not in resumed.stderr
+    last_line = resumed.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"charlm: error: could not save {ckpts}/step4-val") and last_line.endswith(
+        ".ckpt (No space left on device): the checkpoints already there are intact; free some disk space, then "
+        "resume with --ckpt_path last"
+    )
+    assert {p.name: p.read_bytes() for p in ckpts.glob("*.ckpt")} == before  # last and best as they were
+    assert not list(ckpts.glob(".saving-*"))
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_checkpoints(corpus, tmp_path, monkeypatch):

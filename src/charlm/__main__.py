@@ -129,7 +129,7 @@ class CharLMCLI(LightningCLI):
         super().instantiate_classes()
         if self.ckpt is not None:
             ckpt_path = self.config_init[self.subcommand]["ckpt_path"]
-            checkpoints.check_fits(self.ckpt, ckpt_path, self.model, self.datamodule)
+            checkpoints.check_fits(self.ckpt, ckpt_path, self.subcommand, self.trainer, self.model, self.datamodule)
 
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand]["trainer"]

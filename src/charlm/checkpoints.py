@@ -16,9 +16,7 @@ Whatever stops a run, the newest checkpoint on disk is whole, and resuming from 
 
 import fcntl
 import os
-import pickle
 import signal
-import zipfile
 from pathlib import Path
 
 import lightning as L
@@ -55,15 +53,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except OSError as e:
+        except BaseException as e:
             tmp.unlink(missing_ok=True)
+            # torch's zip writer turns the OSError of a write that failed (a full disk) into a RuntimeError
+            error = e.__context__ if isinstance(e, RuntimeError) else e
+            if not isinstance(error, OSError):
+                raise
             raise OSError(
-                f"could not save {path} ({e.strerror or e}): the checkpoints already there are intact; "
+                f"could not save {path} ({error.strerror or error}): the checkpoints already there are intact; "
                 "free some disk space, then resume with --ckpt_path last"
             ) from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         folder = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
         try:
             os.fsync(folder)
@@ -262,33 +261,128 @@ def best(last: Path) -> Path:
 
 
 def read(path: Path, device: torch.device | str = "cpu") -> dict:
-    """A charlm checkpoint, with one-line errors; weights_only, so a pickle that would run code is refused."""
+    """A charlm checkpoint, with one-line errors; weights_only, so a pickle that would run code is refused.
+
+    Everything charlm reads from it without a model at hand is checked here (`check_layout`), before anything uses it.
+    """
+    with open(path, "rb") as f:  # an error here is the file's (unreadable), after it the bytes'
+        try:
+            ckpt = torch.load(f, map_location=device, weights_only=True)
+        except Exception as e:  # whatever its bytes make the unpickler raise, they are no checkpoint
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ValueError(f"{path} is not a valid checkpoint ({reason}): pass a .ckpt file charlm saved") from None
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ValueError(f"{path} is not a valid checkpoint ({reason}): pass a .ckpt file charlm saved") from None
-    try:
-        if not isinstance(ckpt["state_dict"], dict) or ckpt["hyper_parameters"]["net"]["class_path"] not in NETS:
-            raise KeyError("net")
-        ckpt[DATA]
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not a charlm checkpoint (no {e}): pass a .ckpt file charlm saved") from None
+        check_layout(ckpt)
+    except ValueError as e:
+        raise ValueError(f"{path} is not a charlm checkpoint ({e}): pass a .ckpt file charlm saved") from None
     return ckpt
 
 
-def check_fits(ckpt: dict, path: Path, model: L.LightningModule, datamodule: L.LightningDataModule) -> None:
-    """Fail before any work if a checkpoint's vocabulary or weight shapes differ from the configured run's."""
-    datamodule.load_state_dict(ckpt[DATA])  # the same tokenizer and vocabulary, or an error that says which
-    saved, expected = ckpt["state_dict"], model.state_dict()
+def expect(value, kind, what: str):
+    """`value` if it is a `kind` (a bool counts as no int), else a ValueError that names `what`."""
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
+        raise ValueError(f"its {what} is {type(value).__name__} {str(value)[:40]!r}")
+    return value
+
+
+def check_layout(ckpt) -> None:
+    """Refuse, naming the first bad value, a checkpoint whose net, tokenizer, step, log folder or callback states are
+    not of the kinds charlm writes (a checkpoint is untrusted input: it may be tampered with or not charlm's)."""
+    expect(ckpt, dict, "content")
+    for name, tensor in expect(ckpt.get("state_dict"), dict, "state_dict").items():
+        expect(tensor, torch.Tensor, f"weight {str(name)[:40]!r}")
+    net = expect(expect(ckpt.get("hyper_parameters"), dict, "hyper_parameters").get("net"), dict, "net")
+    if net.get("class_path") not in NETS:
+        raise ValueError(f"its net {str(net.get('class_path'))[:40]!r} is not one of {list(NETS)}")
+    for name, value in expect(net.get("init_args"), dict, "net's init_args").items():
+        expect(value, int | float | str | None, f"init_args {str(name)[:40]!r}")
+    tokenizer_from_state(ckpt.get(DATA))
+    if expect(ckpt.get("global_step", 0), int, "global_step") < 0:
+        raise ValueError(f"its global_step {ckpt['global_step']} is negative")
+    if ckpt.get("log_version") is not None and expect(ckpt["log_version"], int, "log_version") < 0:
+        raise ValueError(f"its log_version {ckpt['log_version']} is negative")
+    for name, state in expect(ckpt.get("callbacks", {}), dict, "callbacks").items():
+        expect(state, dict, f"callback state {str(name)[:40]!r}")
+        for key in ("best_model_path", "last_model_path", "kth_best_model_path", "dirpath"):
+            expect(state.get(key, ""), str, key)
+        for key in ("best_model_score", "current_score", "kth_value"):
+            expect(state.get(key), torch.Tensor | None, key)
+        for saved, score in expect(state.get("best_k_models", {}), dict, "best_k_models").items():
+            expect(saved, str, "best_k_models path"), expect(score, torch.Tensor, "best_k_models score")
+
+
+def same_layout(value, template, what: str) -> None:
+    """Refuse `value` unless it has every key of `template` and the same kinds of values, all the way down (None in
+    the template: any value; a list: each element like the template's first)."""
+    if template is None:
+        return
+    expect(value, type(template), what or "content")
+    if isinstance(template, dict):
+        for key, inner in template.items():
+            if key not in value:
+                raise ValueError(f"its {what or 'content'} has no {key!r}")
+            same_layout(value[key], inner, f"{what}.{key}" if what else key)
+    elif isinstance(template, (list, tuple)) and template:
+        for i, item in enumerate(value):
+            same_layout(item, template[0], f"{what}[{i}]")
+
+
+def differing(saved: dict, expected: dict) -> str | None:
+    """The first weight whose name or shape differs between two state dicts, said in words, or None."""
     for name in sorted(expected.keys() | saved.keys()):
         if name not in saved or name not in expected or saved[name].shape != expected[name].shape:
             there = list(saved[name].shape) if name in saved else "absent"
             here = list(expected[name].shape) if name in expected else "absent"
-            raise ValueError(
-                f"--ckpt_path {path} does not fit this model: {name} is {there} in the checkpoint and {here} in "
-                "the config: use the config and flags it was trained with"
-            )
+            return f"{name} is {there} in the checkpoint and {here} in"
+    return None
+
+
+def check_fits(ckpt: dict, path: Path, fn: str, trainer: L.Trainer, model, datamodule: L.LightningDataModule) -> None:
+    """Fail before any work if a checkpoint does not fit the configured run: its vocabulary, its weight shapes, and
+    what Lightning's `fn` (fit, validate or test) restores from it: loops, callback states, and to resume training
+    the optimizer, the schedule and the generators."""
+    datamodule.load_state_dict(ckpt[DATA])  # the same tokenizer and vocabulary, or an error that says which
+    difference = differing(ckpt["state_dict"], model.state_dict())
+    if difference:
+        raise ValueError(
+            f"--ckpt_path {path} does not fit this model: {difference} the config: use the config and flags it was "
+            "trained with"
+        )
+    template = {"epoch": 0, "loops": {f"{fn}_loop": getattr(trainer, f"{fn}_loop").state_dict()}}
+    saved = ckpt.get("callbacks", {})
+    template["callbacks"] = {c.state_key: c.state_dict() for c in trainer.callbacks if c.state_key in saved}
+    if fn == "fit":
+        groups = model.param_groups()
+        optimizer = torch.optim.AdamW(groups)
+        template["optimizer_states"] = [optimizer.state_dict()]
+        template["lr_schedulers"] = [torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0).state_dict()]
+        template["rng_states"] = {"torch": torch.get_rng_state(), "cuda": []}
+    try:
+        same_layout(ckpt, template, "")
+        if fn == "fit":
+            check_optimizer(ckpt["optimizer_states"], [p for g in groups for p in g["params"]])
+            check_rng(ckpt["rng_states"])
+    except ValueError as e:
+        raise ValueError(f"--ckpt_path {path} cannot be resumed ({e}): pass a .ckpt file charlm saved") from None
+
+
+def check_optimizer(states: list[dict], params: list[torch.Tensor]) -> None:
+    """Each AdamW moment has the shape of the parameter it belongs to, indexed as AdamW numbers them."""
+    for state in states:
+        for index, moments in state["state"].items():
+            if not (isinstance(index, int) and 0 <= index < len(params)):
+                raise ValueError(f"its optimizer state names parameter {str(index)[:40]!r} of {len(params)}")
+            for name, moment in expect(moments, dict, "optimizer state").items():
+                if expect(moment, torch.Tensor, f"optimizer {name}").dim() and moment.shape != params[index].shape:
+                    raise ValueError(f"its optimizer {name} of parameter {index} is {list(moment.shape)}")
+
+
+def check_rng(rng: dict) -> None:
+    for state in (rng["torch"], *rng["cuda"]):
+        if expect(state, torch.Tensor, "generator state").dtype != torch.uint8:
+            raise ValueError(f"its generator state is {state.dtype}, not uint8")
+    if rng["torch"].shape != torch.get_rng_state().shape:
+        raise ValueError(f"its generator state holds {rng['torch'].numel()} bytes, not {torch.get_rng_state().numel()}")
 
 
 def resume_logging(logger: dict | None, ckpt: dict) -> None:
@@ -303,17 +397,35 @@ def resume_logging(logger: dict | None, ckpt: dict) -> None:
 
 
 def load_net(path: Path, device: torch.device | str = "cpu") -> tuple[Net, Tokenizer]:
-    """The net (in eval mode) and the tokenizer stored in a charlm checkpoint; nothing else is needed."""
+    """The net (in eval mode) and the tokenizer stored in a charlm checkpoint; nothing else is needed.
+
+    The net is built from the checkpoint's init_args only once they are known to describe its weights: each size at
+    most the number of weights, no more layers than tensors, then built without memory (on the meta device) and its
+    weight names and shapes compared, its other buffers no larger than its weights.
+    """
     ckpt = read(path, device)
-    try:
-        tokenizer = tokenizer_from_state(ckpt[DATA])
-    except ValueError as e:
-        raise ValueError(f"{path} is not a charlm checkpoint ({e}): pass a .ckpt file charlm saved") from None
     net_config = ckpt["hyper_parameters"]["net"]
     cls = NETS[net_config["class_path"]]
     init_args = net_config["init_args"]
     if cls is GPT:
         init_args = {"pos_emb": "learned"} | init_args  # a GPT saved without pos_emb learned its positions
+    weights = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    numel = sum(t.numel() for t in weights.values())
+    sizes = {k: v for k, v in init_args.items() if isinstance(v, int) and v > numel}
+    if init_args.get("n_layer", 0) > len(weights):
+        sizes["n_layer"] = init_args["n_layer"]
+    try:
+        if sizes:
+            raise ValueError(f"{sizes} exceeds the {numel:,} weights it holds")
+        with torch.device("meta"):
+            shell = cls(**init_args)
+        difference = differing(weights, shell.state_dict())
+        if difference:
+            raise ValueError(f"its weights do not match its init_args: {difference} its init_args")
+        if sum(b.numel() for b in shell.buffers()) > numel:
+            raise ValueError(f"its init_args {init_args} build buffers larger than its weights")
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} is not a charlm checkpoint ({e}): pass a .ckpt file charlm saved") from None
     net = cls(**init_args)
-    net.load_state_dict({k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")})
-    return net.to(device).eval(), tokenizer
+    net.load_state_dict(weights)
+    return net.to(device).eval(), tokenizer_from_state(ckpt[DATA])

@@ -111,17 +111,18 @@ class CharLM(L.LightningModule):
         if split == "val":  # TensorBoard's HPARAMS tab shows the latest: the final exact val loss
             self.log("hp_metric", loss, sync_dist=True)
 
+    def param_groups(self) -> list[dict]:
+        """AdamW's parameter groups: weight decay on matrices and embeddings, none on biases and norm gains."""
+        decay = [p for p in self.net.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.net.parameters() if p.dim() < 2]
+        return [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
     def configure_optimizers(self):
         check_max_steps(self.trainer.max_steps)
-        decay = [p for p in self.net.parameters() if p.dim() >= 2]  # matrices and embeddings
-        no_decay = [p for p in self.net.parameters() if p.dim() < 2]  # biases and norm gains
-        groups = [
-            {"params": decay, "weight_decay": self.hparams.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
         # fused: one kernel for the whole update, faster than the default loop over tensors
         fused = self.device.type in ("cpu", "cuda")
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=(0.9, self.hparams.beta2), fused=fused)
+        betas = (0.9, self.hparams.beta2)
+        optimizer = torch.optim.AdamW(self.param_groups(), lr=self.hparams.lr, betas=betas, fused=fused)
         warmup, total = self.hparams.warmup_steps, self.trainer.max_steps
         floor = self.hparams.min_lr / self.hparams.lr
 

@@ -1,0 +1,111 @@
+"""Untrusted checkpoints: whatever a .ckpt file holds, every command answers with one line and builds nothing big.
+
+Each case is a real checkpoint of a tiny run, changed the way a careless or hostile hand would change it, saved to
+disk and given to the commands that read that part of it.
+"""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny
+
+from charlm.__main__ import main
+
+ALL = ("fit", "validate", "generate", "attention")
+NET = ("generate", "attention")  # fit, validate and test build the net from the config, not from the checkpoint
+RESUME = ("fit",)  # what only resuming training reads: optimizer, schedule, generators
+
+
+def net_args(ckpt: dict) -> dict:
+    return ckpt["hyper_parameters"]["net"]["init_args"]
+
+
+def saver_state(ckpt: dict) -> dict:
+    return next(iter(ckpt["callbacks"].values()))
+
+
+CASES = {
+    "a list": (ALL, lambda c: [1, 2], "its content is list"),
+    "no weights": (ALL, lambda c: c.update(state_dict=[1]), "its state_dict is list"),
+    "a weight that is a number": (ALL, lambda c: c["state_dict"].update({"net.wte.weight": 5}), "its weight"),
+    "a weight missing": (ALL, lambda c: c["state_dict"].pop("net.ln_f.weight"), "ln_f.weight is absent"),
+    "init_args a list": (ALL, lambda c: c["hyper_parameters"]["net"].update(init_args=[1]), "init_args is list"),
+    "a vocabulary that is a number": (ALL, lambda c: c["CharDataModule"].update(chars=65), "its vocabulary"),
+    "a callback state that is a list": (ALL, lambda c: c["callbacks"].update(x=[1]), "callback state 'x' is list"),
+    "a best path that is a number": (ALL, lambda c: saver_state(c).update(best_model_path=5), "best_model_path is"),
+    "a step that is text": (ALL, lambda c: c.update(global_step="5"), "its global_step is str '5'"),
+    "a log version that is a path": (ALL, lambda c: c.update(log_version="0/../../x"), "its log_version is str"),
+    "a vocabulary of 10^9": (NET, lambda c: net_args(c).update(vocab_size=10**9), "{'vocab_size': 1000000000}"),
+    "a width of 2^20": (NET, lambda c: net_args(c).update(n_embd=2**20), "{'n_embd': 1048576} exceeds"),
+    "10^6 layers": (NET, lambda c: net_args(c).update(n_layer=10**6), "{'n_layer': 1000000} exceeds"),
+    "a context of 10^12": (NET, lambda c: net_args(c).update(block_size=10**12), "{'block_size': 1000000000000}"),
+    "an unknown argument": (NET, lambda c: net_args(c).update(evil=1), "unexpected keyword argument 'evil'"),
+    "a width that is text": (NET, lambda c: net_args(c).update(n_embd="32"), "not a charlm checkpoint"),
+    "a width the weights do not have": (NET, lambda c: net_args(c).update(n_embd=16), "do not match its init_args"),
+    "generators of floats": (RESUME, lambda c: c["rng_states"].update(torch=torch.zeros(3)), "torch.float32"),
+    "no optimizer": (RESUME, lambda c: c.update(optimizer_states=None), "its optimizer_states is NoneType"),
+    "a moment of another shape": (
+        RESUME,
+        lambda c: c["optimizer_states"][0]["state"][0].update(exp_avg=torch.zeros(2)),
+        "its optimizer exp_avg of parameter 0 is [2]",
+    ),
+    "no schedule": (RESUME, lambda c: c.update(lr_schedulers=[None]), "its lr_schedulers[0] is NoneType"),
+    "no loops": (("fit", "validate"), lambda c: c.update(loops=None), "its loops is NoneType"),
+}
+
+
+@pytest.fixture(scope="module")
+def run(corpus, tmp_path_factory):
+    """A tiny run's folder and its last checkpoint, as loaded."""
+    cwd = tmp_path_factory.mktemp("run")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        main(["fit", *tiny(corpus, max_steps=2)])
+    return cwd, torch.load(cwd / "checkpoints/gpt-cpu/last.ckpt", weights_only=True)
+
+
+def commands(corpus, path) -> dict[str, list[str]]:
+    return {
+        "fit": ["fit", *tiny(corpus), "--ckpt_path", str(path)],
+        "validate": ["validate", *tiny(corpus), "--ckpt_path", str(path)],
+        "generate": ["generate", "--ckpt_path", str(path), "--max_new_tokens", "5"],
+        "attention": ["attention", "--ckpt_path", str(path), "--out", "picture.png"],
+    }
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_tampered_checkpoint_is_one_line_in_every_command_and_nothing_is_written(run, corpus, case, monkeypatch):
+    cwd, saved = run
+    monkeypatch.chdir(cwd)
+    names, change, message = CASES[case]
+    ckpt = copy.deepcopy(saved)
+    changed = change(ckpt)
+    torch.save(changed if isinstance(changed, list) else ckpt, cwd / "tampered.ckpt")
+    before = sorted((p, p.stat().st_mtime_ns) for p in cwd.rglob("*") if p.name != "tampered.ckpt")
+    for name in names:
+        with pytest.raises(SystemExit) as exit_info:
+            main(commands(corpus, cwd / "tampered.ckpt")[name])
+        error = str(exit_info.value.code)
+        assert error.startswith("charlm: error: ") and "tampered.ckpt" in error and "\n" not in error, (name, error)
+        assert message in error, (name, error)
+    assert sorted((p, p.stat().st_mtime_ns) for p in cwd.rglob("*") if p.name != "tampered.ckpt") == before
+
+
+def test_any_bytes_as_a_checkpoint_are_one_line_in_a_subprocess(run, tmp_path):
+    """Text, random bytes and a checkpoint cut short: each an error the unpickler raised its own way."""
+    cwd, _ = run
+    whole = (cwd / "checkpoints/gpt-cpu/last.ckpt").read_bytes()
+    for content in (b"hello there\n", bytes(range(256)) * 8, whole[: len(whole) // 2]):
+        (tmp_path / "broken.ckpt").write_bytes(content)
+        result = subprocess.run(
+            [sys.executable, "-m", "charlm", "generate", "--ckpt_path", "broken.ckpt"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("charlm: error: broken.ckpt is not a valid checkpoint")
