@@ -5,6 +5,7 @@ have happened without the interruption: bitwise the same weights, and curves wit
 """
 
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import charlm, fill, scalars, tiny, wait_for_new_save
+from conftest import ROOT, charlm, fill, scalars, tiny, wait_for_new_save
 
 from charlm.__main__ import main
 
@@ -107,6 +108,50 @@ def test_sigkill_at_random_moments_and_during_saves_then_resume(corpus, tmp_path
     finish(corpus, tmp_path)
     assert not list(ckpts.glob(".saving-*"))  # the next run cleans up what a kill left
     assert_same_run(tmp_path, uninterrupted)
+
+
+WIDE = ["--model.net.init_args.n_layer", "4", "--model.net.init_args.n_embd", "256", "--data.batch_size", "64"]
+
+
+@pytest.mark.parametrize(
+    "command, signum",
+    [
+        (["validate", *WIDE], signal.SIGTERM),  # Lightning's SIGTERMException alone exits 0 here
+        (["fit", *WIDE, "--trainer.num_sanity_val_steps", "-1"], signal.SIGTERM),  # in the sanity check
+        (["fit", *WIDE, "--trainer.num_sanity_val_steps", "-1"], signal.SIGINT),
+    ],
+)
+def test_a_signal_outside_a_training_step_exits_128_plus_its_number_in_one_line(corpus, tmp_path, command, signum):
+    """A scheduler that stops a validation or a run still setting up must see it fail, and nothing saved."""
+    args = [*command[:1], "--config", str(ROOT / "configs/gpt-cpu.yaml"), "--data.path", str(corpus), *command[1:]]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "charlm", *args, "--trainer.logger", "false"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while "GPU available" not in process.stderr.readline():  # the Trainer exists: charlm's handlers are in place
+        assert process.poll() is None
+    time.sleep(2)
+    assert process.poll() is None, "it ended before the signal"
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"charlm: {signal.Signals(signum).name} received: stopped"
+
+
+def test_ctrl_c_in_generate_and_a_closed_pipe_stop_quietly(corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", *tiny(corpus, max_steps=2)])
+    sample = [sys.executable, "-m", "charlm", "generate", "--ckpt_path", "last", "--max_new_tokens", "1000000"]
+    process = subprocess.Popen(sample, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.read(100)  # it is generating
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err.strip().splitlines()[-1] == "charlm: SIGINT received: stopped"
+    piped = subprocess.run(f"{shlex.join(sample)} | head -c 100", shell=True, cwd=tmp_path, capture_output=True)
+    assert len(piped.stdout) == 100 and b"error" not in piped.stderr and b"Traceback" not in piped.stderr
 
 
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(corpus, tmp_path, small_disk):

@@ -10,6 +10,7 @@ their flags the functions' typed arguments, their --help the docstrings (jsonarg
 import logging
 import os
 import re
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -352,8 +353,13 @@ def main(args: list[str] | None = None) -> None:
     # (Lightning-AI/pytorch-lightning#21326), and every Trainer advertises a cloud logger
     warnings.filterwarnings("ignore", re.escape("`isinstance(treespec, LeafSpec)` is deprecated"), FutureWarning)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(not_an_advert)
+    # its "Received SIGTERM: 15": charlm says what a signal did
+    logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLevel(logging.WARNING)
     if torch.cuda.is_available():  # TF32 tensor cores for float32 matmuls, as nanoGPT; Lightning warns without it
         torch.set_float32_matmul_precision("high")
+    # until a training loop takes them over, a signal stops the command at once (Lightning's own SIGTERM handler
+    # calls this one after it; alone, it would end a validation with exit code 0)
+    handlers = {signum: signal.signal(signum, checkpoints.stop_now) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         command = COMMANDS.get(argv[0])
         if callable(command):
@@ -371,8 +377,18 @@ def main(args: list[str] | None = None) -> None:
             parser_class=ArgumentParser,
             args=args,
         )
+    except checkpoints.Stopped as e:
+        name = signal.Signals(e.signum).name
+        print(f"charlm: {name} received: stopped", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except BrokenPipeError:  # stdout closed early (generate | head): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        sys.exit(141)
     except (ValueError, OSError, MisconfigurationException) as e:  # the last: Lightning's, for --trainer flags
         sys.exit(f"charlm: error: {e}")
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

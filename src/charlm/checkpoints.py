@@ -35,6 +35,19 @@ DATA = "CharDataModule"  # where Lightning keeps the DataModule's state_dict: it
 NETS = {f"{cls.__module__}.{cls.__name__}": cls for cls in (GPT, Bigram)}  # the only classes a checkpoint may name
 
 
+class Stopped(BaseException):
+    """A SIGINT or SIGTERM that ends a command at once, outside a training step (which finishes first and saves);
+    `charlm.__main__.main` reports it in one line and exits with 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def stop_now(signum: int, frame) -> None:
+    raise Stopped(signum)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write each checkpoint to a temporary file in its folder, fsync it, then rename it onto its name.
 
@@ -126,7 +139,7 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     def request_stop(self, signum: int, frame) -> None:
         if self.stop_signal == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # Ctrl-C twice: stop now; atomic writes keep the files on disk whole
+            stop_now(signum, frame)  # Ctrl-C twice: stop now; atomic writes keep the files on disk whole
         self.stop_signal = signum
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
