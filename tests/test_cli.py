@@ -89,6 +89,14 @@ def test_resume_from_last_continues_the_global_step_and_the_curves(corpus, tmp_p
     assert len(list(ckpts.glob("step*-val*.ckpt"))) == 1  # and still keeps one best checkpoint
     assert [p.name for p in (tmp_path / "logs/gpt-cpu").iterdir()] == ["version_0"]  # the curves go on in place
     assert [step for step, _ in scalars(tmp_path / "logs/gpt-cpu/version_0")["train/loss"]] == [0, 1, 2, 3]
+    assert "charlm: resuming with settings other" not in result.stderr  # the same settings: nothing to say
+    changed = ["--model.lr", "0.005", "--data.batch_size", "16", "--seed_everything", "7"]
+    result = charlm("fit", *tiny(corpus, max_steps=6), "--ckpt_path", "last", *changed, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "charlm: resuming with settings other than the checkpoint's: --data.batch_size 16 (was 64), "
+        "--seed_everything 7 (was 1337), --model.lr 0.005 (was 0.01); the run goes on, not as it would have gone"
+    ) in result.stderr
 
 
 def val_loss_printed(capsys) -> float:
@@ -143,6 +151,10 @@ def files_and_contents(folder) -> dict:
         (["--model.weight_decay", "-5"], "--model.weight_decay -5.0 must be >= 0"),
         (["--data.train_fraction", "-0.5"], "--data.train_fraction -0.5 must be between 0 and 1"),
         (["--trainer.max_steps", "0"], "--trainer.max_steps 0: training is step-based, set it to >= 1"),
+        (["--trainer.val_check_interval", "0"], "--trainer.val_check_interval 0 must be > 0"),
+        (["--trainer.accumulate_grad_batches", "0"], "--trainer.accumulate_grad_batches 0 must be >= 1"),
+        (["--trainer.log_every_n_steps", "0"], "--trainer.log_every_n_steps 0 must be >= 1"),
+        (["--data.path", "no_newline.txt"], "--generation.prompt has characters ['\\n'] that are not in the corpus"),
         pytest.param(
             ["--trainer.accelerator", "cuda"],
             "`CUDAAccelerator` can not run on your system since the accelerator is not available",
@@ -166,6 +178,7 @@ def test_bad_input_is_one_line_error_and_leaves_the_run_untouched(trained, corpu
     (cwd / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
     (cwd / "short.txt").write_text("hello world\n" * 3)
     (cwd / "other.txt").write_text("hello world, hello charlm.\n" * 40)
+    (cwd / "no_newline.txt").write_text(corpus.read_text().replace("\n", " "))
     data = (cwd / "checkpoints/gpt-cpu/last.ckpt").read_bytes()
     (cwd / "truncated.ckpt").write_bytes(data[: len(data) // 2])
     before = files_and_contents(cwd / "checkpoints") | files_and_contents(cwd / "logs")
@@ -293,16 +306,19 @@ def test_fit_logs_the_picture_that_the_attention_command_draws(trained, corpus):
         (["--out", "no/such/picture.png"], "--out no/such/picture.png: the folder no/such does not exist"),
         (["--prompt", "Zoë"], "the prompt has characters ['ë'] that are not among the model's 65"),
         (["--ckpt_path", "nowhere.ckpt"], "--ckpt_path nowhere.ckpt does not exist"),
+        (["--out", "folder.png"], "--out folder.png is a folder: give a file name ending in .png"),
     ],
 )
 def test_attention_bad_input_is_one_line_error_and_keeps_the_old_picture(trained, monkeypatch, flags, message):
     cwd, *_ = trained
     monkeypatch.chdir(cwd)
     (cwd / "old.png").write_bytes(b"an earlier picture")
+    (cwd / "folder.png").mkdir(exist_ok=True)
     with pytest.raises(SystemExit) as exit_info:
         main(["attention", "--ckpt_path", "last", "--prompt", "ROMEO:", "--out", "old.png", *flags])
     assert message in str(exit_info.value.code) and "\n" not in str(exit_info.value.code)
     assert (cwd / "old.png").read_bytes() == b"an earlier picture"
+    assert not list(cwd.glob(".*.tmp")) and not list((cwd / "folder.png").iterdir())
 
 
 def test_generate_streams_text_from_the_last_checkpoint_to_stdout_only(trained):
@@ -354,6 +370,7 @@ def test_validate_and_generate_find_best_the_lowest_val_loss(trained, corpus, tm
         (["--ckpt_path", "last", "--prompt_file", "truncated.ckpt"], "--prompt_file truncated.ckpt is not UTF-8"),
         (["--ckpt_path", "last", "--prompt_file", "fifo"], "--prompt_file fifo is a FIFO, not a regular file"),
         (["--ckpt_path", "last", "--prompt_file", "/dev/zero"], "--prompt_file /dev/zero is a device"),
+        (["--ckpt_path", "last", "--prompt_file", "huge.txt"], "--prompt_file huge.txt holds 1,048,577 bytes, more"),
     ],
 )
 def test_generate_bad_input_is_one_line_error(trained, tmp_path, monkeypatch, flags, message):
@@ -363,6 +380,7 @@ def test_generate_bad_input_is_one_line_error(trained, tmp_path, monkeypatch, fl
         os.mkfifo(cwd / "fifo")  # read, it would block forever
     data = (cwd / "checkpoints/gpt-cpu/last.ckpt").read_bytes()
     (cwd / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    (cwd / "huge.txt").write_text("a" * (2**20 + 1))
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", *flags])
     assert message in str(exit_info.value.code) and "\n" not in str(exit_info.value.code)

@@ -31,7 +31,7 @@ from charlm.attention import attention_picture
 from charlm.callbacks import AttentionCallback, GenerationCallback, StepBar, StepLines, TrainingSpeed
 from charlm.data import CharDataModule, read_text
 from charlm.models import GPT
-from charlm.training import CharLM, check_max_steps
+from charlm.training import CharLM, check_schedule
 
 Probability = restricted_number_type("Probability", float, [(">", 0), ("<=", 1)])
 
@@ -91,7 +91,7 @@ class CharLMCLI(LightningCLI):
         if trainer.get("precision") is None:  # resolved here, so the run's saved config.yaml names it
             trainer["precision"] = default_precision(trainer.get("accelerator"))
         if self.subcommand == "fit":  # before any file is written: a failed run still writes its log
-            check_max_steps(trainer["max_steps"])
+            check_schedule(trainer)
         self.ckpt = None
         if config.get("ckpt_path") is not None:
             path = checkpoints.resolve(config["ckpt_path"], Path(config["checkpoint"]["dirpath"] or "checkpoints"))
@@ -128,6 +128,9 @@ class CharLMCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
+        for callback in self.trainer.callbacks:  # now: the Trainer makes the log folder before any callback's setup
+            if isinstance(callback, GenerationCallback | AttentionCallback):
+                callback.check_prompt(self.datamodule.tokenizer)
         if self.ckpt is not None:
             ckpt_path = self.config_init[self.subcommand]["ckpt_path"]
             checkpoints.check_fits(self.ckpt, ckpt_path, self.subcommand, self.trainer, self.model, self.datamodule)
@@ -250,13 +253,18 @@ def attention(
         raise ValueError(f"--out {out}: the picture is a PNG: give a file name ending in .png")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"--out {out}: the folder {out.parent} does not exist: create it, or write elsewhere")
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder: give a file name ending in .png")
     path, net, tokenizer, _, prompt = load(ckpt_path, prompt, prompt_file, device, unknown)
     if not isinstance(net, GPT):
         raise ValueError(f"--ckpt_path {path} holds a {type(net).__name__}, which has no attention: pass a GPT's")
     image, note = attention_picture(net, tokenizer, tokenizer.encode(prompt))
     tmp = out.with_name(f".{out.name}.tmp")  # never a half-written picture
-    image.save(tmp, format="PNG", optimize=True)
-    os.replace(tmp, out)
+    try:
+        image.save(tmp, format="PNG", optimize=True)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     n_layer, n_head = net.config["n_layer"], net.config["n_head"]
     print(f"charlm: wrote {out}: {n_layer} x {n_head} panels (layers x heads)", file=sys.stderr)
     if note:

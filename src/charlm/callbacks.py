@@ -149,8 +149,11 @@ class GenerationCallback(L.Callback):
         self.top_k = top_k
         self.seed = seed
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        check_prompt(self.prompt, trainer.datamodule.tokenizer, "--generation.prompt")
+    def check_prompt(self, tokenizer: Tokenizer) -> None:
+        check_prompt(self.prompt, tokenizer, "--generation.prompt")  # a corpus may have no newline
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.check_prompt(trainer.datamodule.tokenizer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or self.max_new_tokens == 0:
@@ -186,9 +189,12 @@ class AttentionCallback(L.Callback):
             raise ValueError("--attention.prompt is empty: give some text, or leave it out for the validation text")
         self.prompt = prompt
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def check_prompt(self, tokenizer: Tokenizer) -> None:
         if self.prompt is not None:
-            check_prompt(self.prompt, trainer.datamodule.tokenizer, "--attention.prompt")
+            check_prompt(self.prompt, tokenizer, "--attention.prompt")
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.check_prompt(trainer.datamodule.tokenizer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         logger = trainer.logger

@@ -361,6 +361,11 @@ def check_fits(ckpt: dict, path: Path, fn: str, trainer: L.Trainer, model, datam
             f"--ckpt_path {path} does not fit this model: {difference} the config: use the config and flags it was "
             "trained with"
         )
+    if fn == "fit" and (changes := changed_settings(ckpt, model, datamodule)):
+        Console(stderr=True, soft_wrap=True, highlight=False).print(
+            f"charlm: resuming with settings other than the checkpoint's: {', '.join(changes)}; the run goes on, "
+            "not as it would have gone without the interruption"
+        )
     template = {"epoch": 0, "loops": {f"{fn}_loop": getattr(trainer, f"{fn}_loop").state_dict()}}
     saved = ckpt.get("callbacks", {})
     template["callbacks"] = {c.state_key: c.state_dict() for c in trainer.callbacks if c.state_key in saved}
@@ -377,6 +382,23 @@ def check_fits(ckpt: dict, path: Path, fn: str, trainer: L.Trainer, model, datam
             check_rng(ckpt["rng_states"])
     except ValueError as e:
         raise ValueError(f"--ckpt_path {path} cannot be resumed ({e}): pass a .ckpt file charlm saved") from None
+
+
+def changed_settings(ckpt: dict, model, datamodule) -> list[str]:
+    """The settings of a resumed fit that its checkpoint was trained with otherwise, as `--flag now (was then)`."""
+    stream = ckpt[DATA].get("stream") if isinstance(ckpt[DATA].get("stream"), dict) else {}
+    optimizer = ("lr", "min_lr", "warmup_steps", "weight_decay", "beta2")
+    then = {"--data.block_size": stream.get("block_size"), "--data.batch_size": stream.get("batch_size")}
+    then |= {"--seed_everything": stream.get("seed")} | {
+        f"--model.{k}": ckpt["hyper_parameters"].get(k) for k in optimizer
+    }
+    now = {"--data.block_size": datamodule.block_size, "--data.batch_size": datamodule.batch_size}
+    now |= {"--seed_everything": torch.initial_seed()} | {f"--model.{k}": model.hparams[k] for k in optimizer}
+    return [
+        f"{flag} {now[flag]} (was {then[flag]})"
+        for flag in now
+        if isinstance(then[flag], int | float) and then[flag] != now[flag]
+    ]
 
 
 def check_optimizer(states: list[dict], params: list[torch.Tensor]) -> None:

@@ -171,6 +171,7 @@ class CharDataModule(L.LightningDataModule):
         tokens = self.corpus.tokens
         self.block_size = block_size
         self.batch_size = batch_size
+        self.seed: int | None = None  # the training batches' seed, once they are drawn
         self.tokenizer = self.corpus.tokenizer
         n = int(train_fraction * len(tokens))
         self.train_data, self.val_data = tokens[:n], tokens[n:]
@@ -195,8 +196,8 @@ class CharDataModule(L.LightningDataModule):
         trainer = self.trainer
         start = trainer.global_step * trainer.accumulate_grad_batches if trainer else 0
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-        seed = torch.initial_seed()
-        return RandomWindows(self.train_data, self.block_size, self.batch_size, seed, start, rank, world_size)
+        self.seed = torch.initial_seed()
+        return RandomWindows(self.train_data, self.block_size, self.batch_size, self.seed, start, rank, world_size)
 
     def val_dataloader(self) -> DataLoader:
         world_size = self.trainer.world_size if self.trainer else 1
@@ -208,8 +209,10 @@ class CharDataModule(L.LightningDataModule):
         return self.val_dataloader()
 
     def state_dict(self) -> dict:
-        # the tokenizer travels in every checkpoint, so a checkpoint alone is enough to generate text
-        return self.tokenizer.state()
+        # the tokenizer travels in every checkpoint, so a checkpoint alone is enough to generate text; the batch
+        # stream's settings, so a run resumed with other ones can say so
+        stream = {"block_size": self.block_size, "batch_size": self.batch_size, "seed": self.seed}
+        return self.tokenizer.state() | {"stream": stream}
 
     def load_state_dict(self, state: dict) -> None:
         try:
@@ -228,6 +231,9 @@ class CharDataModule(L.LightningDataModule):
             )
 
 
+MAX_PROMPT_BYTES = 2**20  # far beyond any model's context: a bigger prompt file is a mistake (a corpus, a disk image)
+
+
 def read_text(file: Path, flag: str) -> str:
     """Read a UTF-8 text file, with one-line errors that name the flag it came from and what is wrong with it."""
     kind = corpus.file_kind(file)
@@ -235,6 +241,11 @@ def read_text(file: Path, flag: str) -> str:
         raise FileNotFoundError(f"{flag} {file} does not exist: pass a UTF-8 text file")
     if kind != "a regular file":
         raise ValueError(f"{flag} {file} is {kind}, not a regular file: pass a UTF-8 text file")
+    size = file.stat().st_size
+    if size > MAX_PROMPT_BYTES:
+        raise ValueError(
+            f"{flag} {file} holds {size:,} bytes, more than a prompt's {MAX_PROMPT_BYTES:,}: pass the text to continue"
+        )
     raw = file.read_bytes()
     try:
         return raw.decode("utf-8")

@@ -140,3 +140,14 @@ class CharLM(L.LightningModule):
 def check_max_steps(max_steps: int) -> None:
     if max_steps < 1:
         raise ValueError(f"--trainer.max_steps {max_steps}: training is step-based, set it to >= 1")
+
+
+def check_schedule(trainer: dict) -> None:
+    """Refuse, before a run starts, the step counts that Lightning takes and divides by only once training runs."""
+    check_max_steps(trainer["max_steps"])
+    for key in ("accumulate_grad_batches", "log_every_n_steps"):
+        if trainer[key] is not None and trainer[key] < 1:
+            raise ValueError(f"--trainer.{key} {trainer[key]} must be >= 1")
+    interval = trainer["val_check_interval"]
+    if interval is not None and not interval > 0:
+        raise ValueError(f"--trainer.val_check_interval {interval} must be > 0: steps, or a fraction of an epoch")
