@@ -34,6 +34,11 @@ CASES = {
     "a weight missing": (ALL, lambda c: c["state_dict"].pop("net.ln_f.weight"), "ln_f.weight is absent"),
     "init_args a list": (ALL, lambda c: c["hyper_parameters"]["net"].update(init_args=[1]), "init_args is list"),
     "a vocabulary that is a number": (ALL, lambda c: c["CharDataModule"].update(chars=65), "its vocabulary"),
+    "a weight of integers": (
+        ALL,
+        lambda c: c["state_dict"].update({"net.ln_f.weight": torch.ones(32, dtype=torch.long)}),
+        "torch.int64 on cpu, not real numbers",
+    ),
     "a callback state that is a list": (ALL, lambda c: c["callbacks"].update(x=[1]), "callback state 'x' is list"),
     "a best path that is a number": (ALL, lambda c: saver_state(c).update(best_model_path=5), "best_model_path is"),
     "a step that is text": (ALL, lambda c: c.update(global_step="5"), "its global_step is str '5'"),
@@ -45,6 +50,12 @@ CASES = {
     "an unknown argument": (NET, lambda c: net_args(c).update(evil=1), "unexpected keyword argument 'evil'"),
     "a width that is text": (NET, lambda c: net_args(c).update(n_embd="32"), "not a charlm checkpoint"),
     "a width the weights do not have": (NET, lambda c: net_args(c).update(n_embd=16), "do not match its init_args"),
+    "a vocabulary the net does not have": (NET, lambda c: c["CharDataModule"].update(chars="abc"), "3 ids, its net 65"),
+    "weights gone to NaN": (
+        NET,
+        lambda c: c["state_dict"]["net.ln_f.weight"].fill_(float("nan")),
+        "its weight ln_f.weight holds NaN or infinity (the run diverged): pass an earlier one",
+    ),
     "generators of floats": (RESUME, lambda c: c["rng_states"].update(torch=torch.zeros(3)), "torch.float32"),
     "no optimizer": (RESUME, lambda c: c.update(optimizer_states=None), "its optimizer_states is NoneType"),
     "a moment of another shape": (

@@ -304,6 +304,8 @@ def check_layout(ckpt) -> None:
     expect(ckpt, dict, "content")
     for name, tensor in expect(ckpt.get("state_dict"), dict, "state_dict").items():
         expect(tensor, torch.Tensor, f"weight {str(name)[:40]!r}")
+        if not tensor.is_floating_point() or tensor.is_meta:
+            raise ValueError(f"its weight {str(name)[:40]!r} is {tensor.dtype} on {tensor.device}, not real numbers")
     net = expect(expect(ckpt.get("hyper_parameters"), dict, "hyper_parameters").get("net"), dict, "net")
     if net.get("class_path") not in NETS:
         raise ValueError(f"its net {str(net.get('class_path'))[:40]!r} is not one of {list(NETS)}")
@@ -459,8 +461,16 @@ def load_net(path: Path, device: torch.device | str = "cpu") -> tuple[Net, Token
             raise ValueError(f"its weights do not match its init_args: {difference} its init_args")
         if sum(b.numel() for b in shell.buffers()) > numel:
             raise ValueError(f"its init_args {init_args} build buffers larger than its weights")
+        tokenizer = tokenizer_from_state(ckpt[DATA])
+        if tokenizer.vocab_size != shell.config["vocab_size"]:
+            raise ValueError(f"its tokenizer has {tokenizer.vocab_size} ids, its net {shell.config['vocab_size']}")
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path} is not a charlm checkpoint ({e}): pass a .ckpt file charlm saved") from None
+    diverged = [name for name, tensor in weights.items() if not tensor.isfinite().all()]
+    if diverged:
+        raise ValueError(
+            f"{path}: its weight {diverged[0]} holds NaN or infinity (the run diverged): pass an earlier one"
+        )
     net = cls(**init_args)
     net.load_state_dict(weights)
-    return net.to(device).eval(), tokenizer_from_state(ckpt[DATA])
+    return net.to(device).eval(), tokenizer
