@@ -131,7 +131,10 @@ def test_byte_tokenizer_fits_generates_validates_and_draws(tmp_path, capsys):
     flags = [*tiny(tmp_path / "text.txt"), "--data.tokenizer", "bytes", "--data.block_size", "16"]
     assert run_main("fit", *flags) == 0
     ckpt = torch.load(tmp_path / "checkpoints/gpt-cpu/last.ckpt", weights_only=True)
-    assert ckpt["CharDataModule"] == {"tokenizer": "bytes"}
+    assert ckpt["CharDataModule"] == {
+        "tokenizer": "bytes",
+        "stream": {"block_size": 16, "batch_size": 64, "seed": 1337},
+    }
     assert ckpt["state_dict"]["net.wte.weight"].shape[0] == 256
     capsys.readouterr()
     assert run_main("generate", "--ckpt_path", "last", "--prompt", "Grüße", "--max_new_tokens", "300") == 0

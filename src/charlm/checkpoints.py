@@ -2,7 +2,8 @@
 
 A checkpoint is Lightning's dict (weights under `state_dict`, optimizer, loops, callback states) plus:
 - `hyper_parameters["net"]`: the net as `{"class_path", "init_args"}`, plain values, so it loads with weights_only;
-- `CharDataModule`: the tokenizer (the DataModule's state_dict), so a checkpoint alone can generate text;
+- `CharDataModule`: the tokenizer (the DataModule's state_dict), so a checkpoint alone can generate text, and the
+  training batches' block_size, batch_size and seed, so a run resumed with others can say so;
 - `rng_states`: the torch and CUDA generators, so dropout after a resume draws what the run would have drawn;
 - `log_version`: the TensorBoard version folder the run logged into, where a resumed run logs on.
 
