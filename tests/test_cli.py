@@ -194,6 +194,7 @@ def test_bad_input_is_one_line_error_and_leaves_the_run_untouched(trained, corpu
     [
         (["--config", "nothere.yaml"], "File does not exist"),
         (["--trainer.max_stepz", "5"], "unrecognized arguments: --trainer.max_stepz 5"),
+        (["--checkpoint.save_last", "false"], "unrecognized arguments: --checkpoint.save_last false"),  # no prefix
         (["--model.lr", "fast"], "Parser key \"model.lr\": Expected a <class 'float'>. Got value: fast"),
         (["--model.net", "charlm.models.RNN"], "module 'charlm.models' has no attribute 'RNN'"),
     ],

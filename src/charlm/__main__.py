@@ -334,7 +334,7 @@ def usage() -> str:
 
 def run(name: str, function, argv: list[str]) -> None:
     """Parse argv into the function's typed arguments (a class-typed one is built from its flags) and call it."""
-    parser = ArgumentParser(prog=f"charlm {name}", description=function.__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog=f"charlm {name}", description=function.__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_function_arguments(function, as_group=False)
     function(**vars(parser.instantiate(parser.parse_args(argv))))
 
@@ -381,7 +381,7 @@ def main(args: list[str] | None = None) -> None:
             auto_configure_optimizers=False,
             save_config_callback=SaveConfigAtTrainStart,
             save_config_kwargs={"overwrite": True},  # a resumed run rewrites config.yaml in the folder it goes on in
-            parser_kwargs={"prog": "charlm"},
+            parser_kwargs={"prog": "charlm", "allow_abbrev": False},  # a prefix is a typo, not another flag
             parser_class=ArgumentParser,
             args=args,
         )
