@@ -324,7 +324,8 @@ def check_layout(ckpt) -> None:
         for key in ("best_model_score", "current_score", "kth_value"):
             expect(state.get(key), torch.Tensor | None, key)
         for saved, score in expect(state.get("best_k_models", {}), dict, "best_k_models").items():
-            expect(saved, str, "best_k_models path"), expect(score, torch.Tensor, "best_k_models score")
+            expect(saved, str, "best_k_models path")
+            expect(score, torch.Tensor, "best_k_models score")
 
 
 def same_layout(value, template, what: str) -> None:
@@ -389,18 +390,19 @@ def check_fits(ckpt: dict, path: Path, fn: str, trainer: L.Trainer, model, datam
 
 def changed_settings(ckpt: dict, model, datamodule) -> list[str]:
     """The settings of a resumed fit that its checkpoint was trained with otherwise, as `--flag now (was then)`."""
-    stream = ckpt[DATA].get("stream") if isinstance(ckpt[DATA].get("stream"), dict) else {}
-    optimizer = ("lr", "min_lr", "warmup_steps", "weight_decay", "beta2")
-    then = {"--data.block_size": stream.get("block_size"), "--data.batch_size": stream.get("batch_size")}
-    then |= {"--seed_everything": stream.get("seed")} | {
-        f"--model.{k}": ckpt["hyper_parameters"].get(k) for k in optimizer
+    stream = ckpt[DATA].get("stream")
+    stream = stream if isinstance(stream, dict) else {}
+    pairs = {
+        "--data.block_size": (stream.get("block_size"), datamodule.block_size),
+        "--data.batch_size": (stream.get("batch_size"), datamodule.batch_size),
+        "--seed_everything": (stream.get("seed"), torch.initial_seed()),
     }
-    now = {"--data.block_size": datamodule.block_size, "--data.batch_size": datamodule.batch_size}
-    now |= {"--seed_everything": torch.initial_seed()} | {f"--model.{k}": model.hparams[k] for k in optimizer}
+    for key in ("lr", "min_lr", "warmup_steps", "weight_decay", "beta2"):
+        pairs[f"--model.{key}"] = (ckpt["hyper_parameters"].get(key), model.hparams[key])
     return [
-        f"{flag} {now[flag]} (was {then[flag]})"
-        for flag in now
-        if isinstance(then[flag], int | float) and then[flag] != now[flag]
+        f"{flag} {now} (was {then})"
+        for flag, (then, now) in pairs.items()
+        if isinstance(then, int | float) and then != now
     ]
 
 
