@@ -1,6 +1,6 @@
 """What each attention head of a trained GPT looks at, on average over random windows of the validation split.
 
-    python benchmarks/attention_heads.py --ckpt_path checkpoints/default/last.ckpt --data_path input.txt
+    python benchmarks/attention_heads.py --ckpt_path checkpoints/default/version_0/last.ckpt --data_path input.txt
 
 For every layer and head it prints the mean attention weight that a character gives to itself, to the previous
 character, to the last newline before that and to the last space before that (the start of its word); the last two

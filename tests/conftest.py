@@ -1,4 +1,5 @@
 import os
+import random
 import subprocess
 import sys
 import time
@@ -13,15 +14,44 @@ CORPUS_CANDIDATES = [ROOT.parent / "shared/data/tinyshakespeare/input.txt", ROOT
 
 
 @pytest.fixture(scope="session")
-def corpus() -> Path:
-    """The real tiny-shakespeare file, never fetched from the internet by a test."""
+def shakespeare() -> Path:
+    """The real tiny-shakespeare file, for the tests of its own numbers; never fetched from the internet by a test."""
     for path in CORPUS_CANDIDATES:
         if path.is_file():
             return path
-    message = f"tiny-shakespeare not found at {[str(p) for p in CORPUS_CANDIDATES]}: run `python -m charlm fit` once"
+    message = (
+        f"tiny-shakespeare not found at {[str(p) for p in CORPUS_CANDIDATES]}: copy it to {CORPUS_CANDIDATES[1]} "
+        "(python -m charlm fit downloads it to data/tinyshakespeare/input.txt under the folder it runs in)"
+    )
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+SPEAKERS = ["ROMEO", "JULIET", "KING HENRY VI", "GREMIO", "BAPTISTA", "First Citizen", "QUEEN MARGARET"]
+WORDS = (
+    "the and to of my that you is in not with me it for be his your this but he have as thou so him will what "
+    "thy all her do shall by no we are sir good lord o now if our more then love king come well let from here "
+    "quick jest zeal vex judge fixed brazen majesty whose eyes pray yet hath heaven death night away"
+).split()
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A Shakespeare-like text made on the spot (about 100 KB, the 65 characters of tiny-shakespeare), so that the
+    tests need no download and no copy of the real file."""
+    rng = random.Random(0)
+    speeches = ["3 KING HENRY VI:\nA $ for thy & thoughts, sir! X marks it.\n"]
+    while sum(map(len, speeches)) < 100_000:
+        lines = []
+        for _ in range(rng.randint(1, 4)):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(4, 10))]
+            words[0] = words[0].capitalize()
+            lines.append(" ".join(words) + rng.choice([",", ".", ";", "?", "!", ":", "'", "-", "."]))
+        speeches.append(f"{rng.choice(SPEAKERS)}:\n" + "\n".join(lines) + "\n")
+    path = tmp_path_factory.mktemp("corpus") / "plays.txt"
+    path.write_text("\n".join(speeches))
+    return path
 
 
 @pytest.fixture(autouse=True)

@@ -75,7 +75,7 @@ def run(corpus, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(cwd)
         main(["fit", *tiny(corpus, max_steps=2)])
-    return cwd, torch.load(cwd / "checkpoints/gpt-cpu/last.ckpt", weights_only=True)
+    return cwd, torch.load(cwd / "checkpoints/gpt-cpu-plays/version_0/last.ckpt", weights_only=True)
 
 
 def commands(corpus, path) -> dict[str, list[str]]:
@@ -109,7 +109,7 @@ def test_any_bytes_as_a_checkpoint_are_one_line(run, tmp_path, monkeypatch):
     """Text, random bytes and a checkpoint cut short: each an error the unpickler raises its own way."""
     cwd, _ = run
     monkeypatch.chdir(tmp_path)
-    whole = (cwd / "checkpoints/gpt-cpu/last.ckpt").read_bytes()
+    whole = (cwd / "checkpoints/gpt-cpu-plays/version_0/last.ckpt").read_bytes()
     for content in (bytes(range(256)) * 8, whole[: len(whole) // 2], b"hello there\n"):
         (tmp_path / "broken.ckpt").write_bytes(content)
         with pytest.raises(SystemExit) as exit_info:

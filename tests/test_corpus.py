@@ -130,7 +130,7 @@ def test_byte_tokenizer_fits_generates_validates_and_draws(tmp_path, capsys):
     (tmp_path / "text.txt").write_text("Grüße aus Köln, 世界 → ünïcödé.\n" * 60)
     flags = [*tiny(tmp_path / "text.txt"), "--data.tokenizer", "bytes", "--data.block_size", "16"]
     assert run_main("fit", *flags) == 0
-    ckpt = torch.load(tmp_path / "checkpoints/gpt-cpu/last.ckpt", weights_only=True)
+    ckpt = torch.load(tmp_path / "checkpoints/gpt-cpu-text/version_0/last.ckpt", weights_only=True)
     assert ckpt["CharDataModule"] == {
         "tokenizer": "bytes",
         "stream": {"block_size": 16, "batch_size": 64, "seed": 1337},
@@ -181,7 +181,7 @@ def test_validation_is_bounded_by_val_tokens_and_exact(tmp_path):
 
 def test_fit_logs_how_many_tokens_a_validation_covered(tiny_text, tmp_path):
     assert run_main("fit", *tiny(tiny_text), "--data.val_tokens", "50", "--data.block_size", "8") == 0
-    assert {value for _, value in scalars(tmp_path / "logs/gpt-cpu/version_0")["val/tokens"]} == {50}
+    assert {value for _, value in scalars(tmp_path / "logs/gpt-cpu-tiny/version_0")["val/tokens"]} == {50}
 
 
 def test_data_command_shows_the_corpus_at_a_glance(tmp_path, capsys):

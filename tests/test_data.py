@@ -17,9 +17,9 @@ def windows(data, block_size, multiple=1) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(x), torch.stack(y)
 
 
-def test_tokenizer_round_trip_and_vocab_of_the_real_corpus(corpus):
-    text = corpus.read_text()
-    tokenizer = CharDataModule(str(corpus)).tokenizer
+def test_tokenizer_round_trip_and_vocab_of_the_real_corpus(shakespeare):
+    text = shakespeare.read_text()
+    tokenizer = CharDataModule(str(shakespeare)).tokenizer
     assert tokenizer.chars == "".join(sorted(set(text)))
     assert tokenizer.vocab_size == 65
     assert tokenizer.chars[0] == "\n" and tokenizer.chars[1] == " "  # sorted
@@ -27,8 +27,8 @@ def test_tokenizer_round_trip_and_vocab_of_the_real_corpus(corpus):
     assert tokenizer.decode(tokenizer.encode(sample)) == sample
 
 
-def test_split_sizes_match_nanogpt(corpus):
-    dm = CharDataModule(path=str(corpus))
+def test_split_sizes_match_nanogpt(shakespeare):
+    dm = CharDataModule(path=str(shakespeare))
     assert (len(dm.train_data), len(dm.val_data)) == (1_003_854, 111_540)
     assert dm.vocab_size == 65
 

@@ -43,7 +43,7 @@ def finish(corpus, cwd) -> None:
 
 
 def weights(cwd) -> dict[str, torch.Tensor]:
-    ckpt = torch.load(cwd / "checkpoints/gpt-cpu/last.ckpt", weights_only=True)
+    ckpt = torch.load(cwd / "checkpoints/gpt-cpu-plays/version_0/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == MAX_STEPS
     return ckpt["state_dict"]
 
@@ -60,9 +60,9 @@ def uninterrupted(corpus, tmp_path_factory):
 def assert_same_run(cwd, uninterrupted) -> None:
     straight, resumed = weights(uninterrupted), weights(cwd)
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)  # bitwise, on CPU
-    logs = sorted((cwd / "logs/gpt-cpu").iterdir())
+    logs = sorted((cwd / "logs/gpt-cpu-plays").iterdir())
     assert len(logs) == 1  # the resumed runs went on in the interrupted run's log folder
-    curves, expected = scalars(logs[0]), scalars(uninterrupted / "logs/gpt-cpu/version_0")
+    curves, expected = scalars(logs[0]), scalars(uninterrupted / "logs/gpt-cpu-plays/version_0")
     for tag in ("train/loss", "val/loss", "train/lr"):
         assert [step for step, _ in curves[tag]] == [step for step, _ in expected[tag]]  # each step exactly once
     assert curves["val/loss"] == expected["val/loss"]
@@ -73,15 +73,15 @@ def test_a_signal_saves_last_and_the_resumed_run_equals_an_uninterrupted_one(
     corpus, tmp_path, uninterrupted, signum, code
 ):
     process = start(corpus, tmp_path)
-    wait_for_new_save(process, tmp_path / "checkpoints/gpt-cpu")
+    wait_for_new_save(process, tmp_path / "checkpoints/gpt-cpu-plays/version_0")
     process.send_signal(signum)
     _, err = process.communicate(timeout=120)
     assert process.returncode == code
-    step = torch.load(tmp_path / "checkpoints/gpt-cpu/last.ckpt", weights_only=True)["global_step"]
+    step = torch.load(tmp_path / "checkpoints/gpt-cpu-plays/version_0/last.ckpt", weights_only=True)["global_step"]
     assert 0 < step < MAX_STEPS
     assert err.strip().splitlines()[-1] == (
         f"charlm: {signal.Signals(signum).name} received: stopped after step {step}; "
-        f"saved {tmp_path}/checkpoints/gpt-cpu/last.ckpt; resume with --ckpt_path last"
+        f"saved {tmp_path}/checkpoints/gpt-cpu-plays/version_0/last.ckpt; resume with --ckpt_path last"
     )
     finish(corpus, tmp_path)
     assert_same_run(tmp_path, uninterrupted)
@@ -89,7 +89,7 @@ def test_a_signal_saves_last_and_the_resumed_run_equals_an_uninterrupted_one(
 
 def test_sigkill_at_random_moments_and_during_saves_then_resume(corpus, tmp_path, uninterrupted):
     """Kill -9 four times: twice at a random moment after a save, twice the moment a save begins; then finish."""
-    ckpts, moments = tmp_path / "checkpoints/gpt-cpu", random.Random(0)
+    ckpts, moments = tmp_path / "checkpoints/gpt-cpu-plays/version_0", random.Random(0)
     resume: list[str] = []
     for during_save in (False, True, False, True):
         process = start(corpus, tmp_path, *resume)
@@ -122,9 +122,24 @@ WIDE = ["--model.net.init_args.n_layer", "4", "--model.net.init_args.n_embd", "2
 )
 def test_a_signal_outside_a_training_step_exits_128_plus_its_number_in_one_line(corpus, tmp_path, command, signum):
     """A scheduler that stops a validation or a run still setting up must see it fail, and nothing saved."""
-    args = [*command[:1], "--config", str(ROOT / "configs/gpt-cpu.yaml"), "--data.path", str(corpus), *command[1:]]
+    text = tmp_path / "long.txt"  # a validation of 100,000 characters: seconds long, time to send the signal
+    text.write_text(corpus.read_text() * 10)
+    args = [*command[:1], "--config", str(ROOT / "configs/gpt-cpu.yaml"), "--data.path", str(text), *command[1:]]
+    if command[0] == "validate":  # any checkpoint of the right shape: a signal, not the score, is the point
+        fit = [
+            "fit",
+            *args[1:],
+            "--trainer.max_steps",
+            "1",
+            "--data.val_tokens",
+            "100",
+            "--generation.max_new_tokens",
+            "0",
+        ]
+        assert charlm(*fit, cwd=tmp_path).returncode == 0
+        args += ["--ckpt_path", "last"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "charlm", *args, "--trainer.logger", "false"],
+        [sys.executable, "-m", "charlm", *args, "--trainer.logger", "false", "--verbose", "true"],
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -173,7 +188,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint
 def test_a_nan_loss_stops_the_run_and_keeps_the_checkpoints(corpus, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     main(["fit", *tiny(corpus, max_steps=2)])
-    ckpts = tmp_path / "checkpoints/gpt-cpu"
+    ckpts = tmp_path / "checkpoints/gpt-cpu-plays/version_0"
     before = {p: p.read_bytes() for p in ckpts.glob("*.ckpt")}
     ckpt = torch.load(ckpts / "last.ckpt", weights_only=True)
     ckpt["state_dict"]["net.wte.weight"][0, 0] = float("inf")  # weights gone bad, as after a blow-up
@@ -190,13 +205,15 @@ def test_a_nan_validation_stops_the_run_before_any_checkpoint_of_those_weights(c
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *tiny(corpus), *blow_up, "--trainer.val_check_interval", "1"])
     assert str(exit_info.value.code).startswith("charlm: error: the val loss is nan after step 1: stopped")
-    assert not list((tmp_path / "checkpoints/gpt-cpu").glob("*.ckpt"))  # no "best" at val 0.0, no last.ckpt
+    assert not list(
+        (tmp_path / "checkpoints/gpt-cpu-plays/version_0").glob("*.ckpt")
+    )  # no "best" at val 0.0, no last.ckpt
 
 
 def test_validate_fails_on_weights_that_give_a_nan_loss(corpus, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     main(["fit", *tiny(corpus, max_steps=2)])
-    ckpt = torch.load(tmp_path / "checkpoints/gpt-cpu/last.ckpt", weights_only=True)
+    ckpt = torch.load(tmp_path / "checkpoints/gpt-cpu-plays/version_0/last.ckpt", weights_only=True)
     ckpt["state_dict"]["net.ln_f.weight"].fill_(float("nan"))
     torch.save(ckpt, tmp_path / "nan.ckpt")
     with pytest.raises(SystemExit) as exit_info:
@@ -207,17 +224,17 @@ def test_validate_fails_on_weights_that_give_a_nan_loss(corpus, tmp_path, monkey
 def test_a_symlinked_lock_is_refused_and_its_target_is_left_alone(corpus, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text("my notes\n")
-    (tmp_path / "checkpoints/gpt-cpu").mkdir(parents=True)
-    (tmp_path / "checkpoints/gpt-cpu/.lock").symlink_to(tmp_path / "notes.txt")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine/.lock").symlink_to(tmp_path / "notes.txt")
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *tiny(corpus)])
-    assert "checkpoints/gpt-cpu/.lock cannot be opened" in str(exit_info.value.code)
+        main(["fit", *tiny(corpus), "--checkpoint.dirpath", "mine"])
+    assert "mine/.lock cannot be opened" in str(exit_info.value.code)
     assert (tmp_path / "notes.txt").read_text() == "my notes\n"
 
 
 def test_two_runs_cannot_write_into_one_checkpoint_folder(corpus, tmp_path):
     first = start(corpus, tmp_path, "--trainer.max_steps", "100000")
-    wait_for_new_save(first, tmp_path / "checkpoints/gpt-cpu")
+    wait_for_new_save(first, tmp_path / "checkpoints/gpt-cpu-plays/version_0")
     second = subprocess.run(
         [sys.executable, "-m", "charlm", "fit", *flags(corpus), "--ckpt_path", "last"],
         cwd=tmp_path,
@@ -227,7 +244,7 @@ def test_two_runs_cannot_write_into_one_checkpoint_folder(corpus, tmp_path):
     )
     assert second.returncode == 1
     assert second.stderr.strip().splitlines()[-1] == (
-        f"charlm: error: {tmp_path}/checkpoints/gpt-cpu/ is in use by another run (pid {first.pid}): "
+        f"charlm: error: {tmp_path}/checkpoints/gpt-cpu-plays/version_0/ is in use by another run (pid {first.pid}): "
         "wait for it to finish, or pass --checkpoint.dirpath with another folder"
     )
     first.send_signal(signal.SIGTERM)

@@ -7,6 +7,7 @@ fit, validate and test are Lightning's own LightningCLI over CharLM and CharData
 their flags the functions' typed arguments, their --help the docstrings (jsonargparse).
 """
 
+import argparse
 import logging
 import os
 import re
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from jsonargparse import DefaultHelpFormatter
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt, restricted_number_type
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ProgressBar
@@ -28,7 +30,7 @@ from rich.text import Text
 
 from charlm import checkpoints, sampling
 from charlm.attention import attention_picture
-from charlm.callbacks import AttentionCallback, GenerationCallback, StepBar, StepLines, TrainingSpeed
+from charlm.callbacks import AttentionCallback, GenerationCallback, Report, StepBar, StepLines, TrainingSpeed
 from charlm.data import CharDataModule, read_text
 from charlm.models import GPT
 from charlm.training import CharLM, check_schedule
@@ -51,6 +53,25 @@ class ArgumentParser(LightningArgumentParser):
         sys.exit(2)
 
 
+class Help(DefaultHelpFormatter):
+    """--help a person reads in a terminal: a one-line usage, and Lightning's Trainer and ModelCheckpoint flags as
+    one sentence and their default each (the whole text is in Lightning's docs); charlm's own flags in full."""
+
+    def _format_usage(self, usage, actions, groups, prefix) -> str:
+        if prefix == "":  # argparse asking for the prog that a subcommand's own prog starts with
+            return self._prog
+        return f"usage: {self._prog.replace(' [options]', '')} [--config CONFIG] [--FLAG VALUE ...]\n\n"
+
+    def _get_help_string(self, action) -> str:
+        if (
+            not action.dest.startswith(("trainer.", "checkpoint."))
+            or action.dest == "checkpoint.save_last_every_n_steps"
+        ):
+            return super()._get_help_string(action)
+        sentence = re.split(r"(?<=\.)\s", " ".join((action.help or "").split()), maxsplit=1)[0].replace("%", "%%")
+        return sentence if action.default == argparse.SUPPRESS else f"{sentence} (default: %(default)s)"
+
+
 class SaveConfigAtTrainStart(SaveConfigCallback):
     """Write a fit's config.yaml once training starts: after ResumableCheckpoint has locked and checked its folder,
     so a refused run overwrites no other run's config.yaml."""
@@ -66,16 +87,20 @@ class SaveConfigAtTrainStart(SaveConfigCallback):
 class CharLMCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {name: args for name, args in LightningCLI.subcommands().items() if name != "predict"}
+        # --verbose is charlm's in every command: in validate and test it brings back Lightning's results table
+        skips = LightningCLI.subcommands()
+        return {"fit": skips["fit"], "validate": {*skips["validate"], "verbose"}, "test": {*skips["test"], "verbose"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(checkpoints.ResumableCheckpoint, "checkpoint")
         parser.add_lightning_class_args(GenerationCallback, "generation")
         parser.add_lightning_class_args(AttentionCallback, "attention")
+        parser.add_argument(
+            "--verbose", type=bool, default=False, help="Lightning's own lines too: seed, devices, model summary"
+        )
         parser.set_defaults(
             {
                 "model.net": {"class_path": "charlm.models.GPT"},
-                "checkpoint.dirpath": "checkpoints/default",
                 "checkpoint.filename": "step{step}-val{val/loss:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
                 "checkpoint.monitor": "val/loss",
@@ -85,20 +110,34 @@ class CharLMCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.net.init_args.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.block_size", "model.net.init_args.block_size")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        self.verbose = self.config[self.config["subcommand"]]["verbose"]
+        for name in ("lightning.pytorch", "lightning.fabric"):  # "Seed set to", "GPU available: False", ...
+            logging.getLogger(name).setLevel(logging.INFO if self.verbose else logging.WARNING)
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
         trainer = config["trainer"]
+        if trainer.get("enable_model_summary") is None:
+            trainer["enable_model_summary"] = self.verbose
         if trainer.get("precision") is None:  # resolved here, so the run's saved config.yaml names it
             trainer["precision"] = default_precision(trainer.get("accelerator"))
         if self.subcommand == "fit":  # before any file is written: a failed run still writes its log
             check_schedule(trainer)
-        self.ckpt = None
+        self.ckpt = path = None
         if config.get("ckpt_path") is not None:
-            path = checkpoints.resolve(config["ckpt_path"], Path(config["checkpoint"]["dirpath"] or "checkpoints"))
+            runs = config["checkpoint"]["dirpath"] or Path("checkpoints", checkpoints.run_name(config))
+            path = checkpoints.resolve(config["ckpt_path"], Path(runs))
             config["ckpt_path"] = str(path)  # Lightning loads the very file checked here
             self.ckpt = checkpoints.read(path)
-            if self.subcommand == "fit":
-                checkpoints.resume_logging(trainer["logger"], self.ckpt)
+        elif self.subcommand != "fit":
+            raise ValueError(
+                f"{self.subcommand} scores a trained checkpoint: pass --ckpt_path last, best or a .ckpt file"
+            )
+        checkpoints.place_run(config, self.ckpt, path)
+        if self.subcommand != "fit":  # a score, printed: not a TensorBoard run beside the trainings
+            trainer["logger"] = False
 
     def _parse_ckpt_path(self) -> None:
         """Lightning would merge a checkpoint's stored hyperparameters over the config; here the config decides and
@@ -112,7 +151,7 @@ class CharLMCLI(LightningCLI):
             return
         rows = {"last": saver.last_model_path, "best": saver.best_model_path}
         if saver.best_model_score is not None:
-            rows["best"] += f" (val/loss {saver.best_model_score:.4f})"
+            rows["best"] += f" (val loss {saver.best_model_score:.4f})"
         if trainer.logger is not None:
             log_dir = Path(trainer.logger.log_dir)
             rows["curves"] = f"{log_dir} (tensorboard --logdir {log_dir.parent.parent})"
@@ -120,11 +159,26 @@ class CharLMCLI(LightningCLI):
         loss = trainer.callback_metrics.get("val/loss")
         console = Console(soft_wrap=True, highlight=False)
         console.print(
-            f"[bold]charlm: trained to step {trainer.global_step}[/]" + (f", val/loss {loss:.4f}" if loss else "")
+            f"[bold]charlm: trained to step {trainer.global_step}[/]" + (f", val loss {loss:.4f}" if loss else "")
         )
         for name, value in rows.items():
             if value:
                 console.print(f"  [bold]{name:<7}[/]", Text(value))
+
+    def validate(self, **kwargs) -> None:
+        self.score("val", self.trainer.validate(**kwargs, verbose=self.verbose))
+
+    def test(self, **kwargs) -> None:
+        self.score("test", self.trainer.test(**kwargs, verbose=self.verbose))
+
+    def score(self, split: str, results: list[dict]) -> None:
+        """The exact loss of the checkpoint, one line on stdout."""
+        (metrics,) = results
+        tokens, step = int(metrics[f"{split}/tokens"]), self.ckpt.get("global_step", 0)
+        print(
+            f"{split} loss {metrics[f'{split}/loss']:.4f} ({metrics[f'{split}/bpc']:.3f} bpc) over {tokens:,} tokens: "
+            f"{self.config_init[self.subcommand]['ckpt_path']}, step {step}"
+        )
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -139,7 +193,7 @@ class CharLMCLI(LightningCLI):
         config = self.config_init[self.subcommand]["trainer"]
         callbacks = config.get("callbacks") or []
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            kwargs["callbacks"] = [*callbacks, StepBar() if sys.stdout.isatty() else StepLines()]
+            kwargs["callbacks"] = [*callbacks, StepBar() if sys.stderr.isatty() else StepLines()]
         return super().instantiate_trainer(**kwargs)
 
 
@@ -150,11 +204,11 @@ def trainer_defaults() -> dict:
         "val_check_interval": 350,
         "check_val_every_n_epoch": None,  # count val_check_interval in steps across epochs
         "log_every_n_steps": 10,
-        "callbacks": [TrainingSpeed()],
+        "callbacks": [TrainingSpeed(), Report()],
         "plugins": [{"class_path": "charlm.checkpoints.AtomicCheckpointIO"}],
         "logger": {
-            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-            "init_args": {"save_dir": "logs", "name": "default"},
+            "class_path": "charlm.callbacks.RunLogger",
+            "init_args": {"save_dir": "logs"},  # the name and version: checkpoints.place_run
         },
     }
 
@@ -334,7 +388,8 @@ def usage() -> str:
 
 def run(name: str, function, argv: list[str]) -> None:
     """Parse argv into the function's typed arguments (a class-typed one is built from its flags) and call it."""
-    parser = ArgumentParser(prog=f"charlm {name}", description=function.__doc__.split("\n\n")[0], allow_abbrev=False)
+    description = function.__doc__.split("\n\n")[0]
+    parser = ArgumentParser(prog=f"charlm {name}", description=description, allow_abbrev=False, formatter_class=Help)
     parser.add_function_arguments(function, as_group=False)
     function(**vars(parser.instantiate(parser.parse_args(argv))))
 
@@ -346,6 +401,8 @@ def not_an_advert(record: logging.LogRecord) -> bool:
 
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
+    if args is None:  # the name that help about a class (--model.net.help GPT) gives the program
+        sys.argv[0] = "charlm"
     # LightningCLI's own help and errors know only fit, validate and test
     if argv[:1] in ([], ["-h"], ["--help"]):
         print(usage(), file=sys.stdout if argv else sys.stderr)
@@ -381,7 +438,8 @@ def main(args: list[str] | None = None) -> None:
             auto_configure_optimizers=False,
             save_config_callback=SaveConfigAtTrainStart,
             save_config_kwargs={"overwrite": True},  # a resumed run rewrites config.yaml in the folder it goes on in
-            parser_kwargs={"prog": "charlm", "allow_abbrev": False},  # a prefix is a typo, not another flag
+            # a prefix is a typo, not another flag
+            parser_kwargs={"prog": "charlm", "allow_abbrev": False, "formatter_class": Help},
             parser_class=ArgumentParser,
             args=args,
         )

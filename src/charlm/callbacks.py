@@ -1,13 +1,17 @@
 """Training-time callbacks: the progress bars, the speed and learning rate, text samples and attention pictures."""
 
 import io
+import sys
 import time
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from tensorboard.compat.proto.summary_pb2 import Summary
+from torch.utils.tensorboard.summary import hparams
 
 from charlm.attention import MAX_CHARS, attention_picture
 from charlm.models import GPT
@@ -17,58 +21,184 @@ from charlm.tokenizers import Tokenizer
 
 def shown(metrics: dict) -> dict[str, str]:
     """What the progress bars show: the losses and the training speed, rounded; not Lightning's version number."""
-    text = {name: f"{value:.3f}" for name, value in metrics.items() if name.endswith("/loss")}
+    text = {name.removesuffix("/loss"): f"{value:.3f}" for name, value in metrics.items() if name.endswith("/loss")}
     if "train/tokens_per_sec" in metrics:
         text["tokens/s"] = f"{metrics['train/tokens_per_sec']:,.0f}"
     return text
 
 
-class StepBar(RichProgressBar):
-    """Lightning's rich progress bar, counting steps, redrawn every `every` steps, with the losses and tokens/s."""
+class StepBar(ProgressBar):
+    """A rich bar on stderr over the whole run's optimizer steps (after a resume too, with the ETA of the steps
+    left), with the losses and tokens/s, updated every `every` steps."""
 
     def __init__(self, every: int = 10):
-        super().__init__(refresh_rate=1)  # redraws a second besides, for the clock
+        super().__init__()
         self.every = every
+        self.progress: Progress | None = None
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_start(trainer, pl_module)
-        if self.progress is not None:  # not Lightning's "Epoch 0/-2": a run counted in steps has no last epoch
-            self.progress.update(self.train_progress_bar_id, description="step")
+    def disable(self) -> None:  # Lightning's, around the sanity check: the bar starts with training
+        pass
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        self.progress = Progress(
+            TextColumn("step"),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[metrics]}"),
+            console=Console(stderr=True),
+            # stdout through the bar only where both are the terminal: `fit > log.txt` keeps every line of stdout
+            redirect_stdout=sys.stdout.isatty(),
+            refresh_per_second=1,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("", total=trainer.max_steps, completed=trainer.global_step, metrics="")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every == 0 or trainer.global_step == trainer.max_steps:
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        step = trainer.global_step
+        if self.progress is not None and (step % self.every == 0 or step == trainer.max_steps):
+            metrics = "  ".join(f"{k} {v}" for k, v in shown(self.get_metrics(trainer, pl_module)).items())
+            self.progress.update(self.task, completed=step, metrics=metrics)
 
-    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
-        return shown(super().get_metrics(trainer, pl_module))
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.stop()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
 
 
 class StepLines(ProgressBar):
-    """The progress as lines of plain text, for a log file: every `every` steps and after each validation."""
+    """The progress as plain lines on stderr, for a log file: every `every` steps, with the time left."""
 
     def __init__(self, every: int = 100):
         super().__init__()
         self.every = every
-        self.enabled = True
+        self.start: tuple[float, int] | None = None
 
     def disable(self) -> None:
-        self.enabled = False
+        pass
 
-    def enable(self) -> None:
-        self.enabled = True
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = (time.monotonic(), trainer.global_step)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every == 0:
-            self.write(trainer, pl_module)
+        step = trainer.global_step
+        if step % self.every or not trainer.is_global_zero:
+            return
+        began, first = self.start
+        left = (time.monotonic() - began) / (step - first) * (trainer.max_steps - step) if step > first else 0
+        metrics = "".join(f"  {k} {v}" for k, v in shown(self.get_metrics(trainer, pl_module)).items())
+        print(f"step {step}/{trainer.max_steps}{metrics}  eta {clock(left)}", file=sys.stderr, flush=True)
+
+
+def clock(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
+
+
+class Report(L.Callback):
+    """The run's story on stdout: a line per validation (step, train and exact val loss, bpc, time), a last
+    validation at the last step when the schedule has none there, and in TensorBoard the run's settings (HPARAMS,
+    with the best val loss), `val/best_loss` and a custom-scalars layout with train and val loss together."""
+
+    def __init__(self):
+        self.began = time.monotonic()
+        self.best: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.began = time.monotonic()
+        if trainer.is_global_zero:
+            size = sum(p.numel() for p in pl_module.net.parameters())
+            start = f"from step {trainer.global_step} " if trainer.global_step else ""
+            where = (
+                f"{trainer.world_size} x {pl_module.device.type}" if trainer.world_size > 1 else pl_module.device.type
+            )
+            print(
+                f"charlm: training a {type(pl_module.net).__name__} of {size:,} parameters {start}to step "
+                f"{trainer.max_steps} on {where} ({trainer.precision})",
+                file=sys.stderr,
+            )
+        if isinstance(trainer.logger, RunLogger) and trainer.is_global_zero:
+            trainer.logger.log_settings(settings(trainer, pl_module))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        # stopping at the last step makes Lightning validate it (as for early stopping), so the run ends measured
+        if trainer.global_step == trainer.max_steps and trainer.global_step % trainer.val_check_batch:
+            trainer.should_stop = True
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking and trainer.state.fn == "fit":
-            self.write(trainer, pl_module)
+        if trainer.sanity_checking or trainer.state.fn != "fit" or not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        val = float(metrics["val/loss"])
+        saved = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+        self.best = min([val, *(float(best) for best in (self.best, saved) if best is not None)])  # saved: resumed
+        if trainer.logger is not None:  # at the step Lightning logs val/loss at: the batches stepped before it
+            trainer.logger.log_metrics({"val/best_loss": self.best}, trainer.global_step - 1)
+        train = f"train loss {float(metrics['train/loss']):.4f}, " if "train/loss" in metrics else ""
+        elapsed = clock(time.monotonic() - self.began)
+        print(
+            f"step {trainer.global_step}/{trainer.max_steps}: {train}val loss {val:.4f} "
+            f"({float(metrics['val/bpc']):.3f} bpc), {elapsed}",
+            flush=True,
+        )
 
-    def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.enabled:
-            metrics = "  ".join(f"{k} {v}" for k, v in shown(self.get_metrics(trainer, pl_module)).items())
-            print(f"step {trainer.global_step}/{trainer.max_steps}  {metrics}", flush=True)
+
+def settings(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+    """What sets one run apart from another, flat, for TensorBoard's HPARAMS."""
+    dm, hparams = trainer.datamodule, pl_module.hparams
+    net = {k: v for k, v in pl_module.net.config.items() if isinstance(v, int | float | str | bool)}
+    optimizer = {k: hparams[k] for k in ("lr", "min_lr", "warmup_steps", "weight_decay", "beta2")}
+    return {
+        "net": type(pl_module.net).__name__,
+        **net,
+        **optimizer,
+        "batch_size": dm.batch_size,
+        "devices": trainer.world_size,
+        "max_steps": trainer.max_steps,
+        "tokenizer": dm.tokenizer.name,
+        "data": str(dm.path) if dm.path else "tiny-shakespeare",
+        "precision": str(trainer.precision),
+    }
+
+
+class RunLogger(TensorBoardLogger):
+    """TensorBoardLogger without the `epoch` curve (charlm counts steps) and `hp_metric`; its HPARAMS are the
+    run's settings (`Report`), not Lightning's nested hyperparameters."""
+
+    def __init__(self, save_dir: str = "logs", name: str | None = None, version: int | None = None, **kwargs):
+        super().__init__(save_dir, name=name, version=version, default_hp_metric=False, **kwargs)
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+
+    def log_hyperparams(self, params, metrics=None) -> None:
+        """Lightning's call, with the raw hyperparameters: `log_settings` writes what sets runs apart instead."""
+
+    def log_settings(self, settings: dict) -> None:
+        writer = self.experiment
+        # the HPARAMS table's metric column reads the val/best_loss curve
+        for summary in hparams(settings, {"val/best_loss": 0}):
+            writer.file_writer.add_summary(summary)
+        writer.add_custom_scalars(
+            {
+                "charlm": {
+                    "loss (train and val)": ["Multiline", ["train/loss", "val/loss"]],
+                    "val bits per character": ["Multiline", ["val/bpc"]],
+                    "learning rate": ["Multiline", ["train/lr"]],
+                    "tokens/s": ["Multiline", ["train/tokens_per_sec"]],
+                }
+            }
+        )
 
 
 class TrainingSpeed(L.Callback):
@@ -156,7 +286,12 @@ class GenerationCallback(L.Callback):
         self.check_prompt(trainer.datamodule.tokenizer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or self.max_new_tokens == 0:
+        if (
+            trainer.sanity_checking
+            or trainer.state.fn != "fit"
+            or not trainer.is_global_zero
+            or not self.max_new_tokens
+        ):
             return
         tokenizer = trainer.datamodule.tokenizer
         net = pl_module.net
@@ -211,5 +346,5 @@ class AttentionCallback(L.Callback):
         picture = Summary.Image(
             height=image.height, width=image.width, colorspace=3, encoded_image_string=png.getvalue()
         )
-        summary = Summary(value=[Summary.Value(tag="attention", image=picture)])
+        summary = Summary(value=[Summary.Value(tag="val/attention", image=picture)])  # after the curves
         logger.experiment.file_writer.add_summary(summary, trainer.global_step)

@@ -7,10 +7,12 @@ A checkpoint is Lightning's dict (weights under `state_dict`, optimizer, loops, 
 - `rng_states`: the torch and CUDA generators, so dropout after a resume draws what the run would have drawn;
 - `log_version`: the TensorBoard version folder the run logged into, where a resumed run logs on.
 
+A run's checkpoints go to `checkpoints/<name>/version_N/`, beside its logs in `logs/<name>/version_N/` (`place_run`).
 `--ckpt_path` means one thing in every command (`resolve`): a file is that file; a folder is its `last.ckpt`, or
-else the newest `last.ckpt` one folder down; `last` is the checkpoint folder taken that way (`--checkpoint.dirpath`
-for fit, validate and test, `checkpoints/` for generate and attention); `best` is the checkpoint with the lowest
-val/loss that the `last.ckpt` so found names, in that file's folder.
+else the newest `last.ckpt` one or two folders down; `last` is the checkpoint folder taken that way
+(`checkpoints/<name>/` or `--checkpoint.dirpath` for fit, validate and test: the newest run of that name;
+`checkpoints/` for generate and attention: the newest run); `best` is the checkpoint with the lowest val/loss that
+the `last.ckpt` so found names, in that file's folder.
 
 Whatever stops a run, the newest checkpoint on disk is whole, and resuming from it loses only the steps since.
 """
@@ -256,7 +258,8 @@ def resolve(ckpt_path: str, folder: Path) -> Path:
             )
     last = folder / LAST
     if not last.is_file():
-        below = sorted(folder.glob(f"*/{LAST}"), key=lambda p: p.stat().st_mtime)
+        # checkpoints/<name>/version_N/last.ckpt: a run's folder holds its versions, checkpoints/ its runs
+        below = sorted([*folder.glob(f"*/{LAST}"), *folder.glob(f"*/*/{LAST}")], key=lambda p: p.stat().st_mtime)
         if not below:
             raise FileNotFoundError(
                 f"--ckpt_path {ckpt_path}: no {LAST} in {folder.resolve()}/: train first, or pass a file"
@@ -425,15 +428,50 @@ def check_rng(rng: dict) -> None:
         raise ValueError(f"its generator state holds {rng['torch'].numel()} bytes, not {torch.get_rng_state().numel()}")
 
 
-def resume_logging(logger: dict | None, ckpt: dict) -> None:
-    """Point a fit's TensorBoardLogger config at the folder of the run a checkpoint resumes, from its step:
-    purge_step hides what that run logged after the checkpoint, so every step appears once."""
-    if not logger or logger.get("class_path") != "lightning.pytorch.loggers.TensorBoardLogger":
-        return
-    version, init = ckpt.get("log_version"), logger["init_args"]
-    folder = Path(init["save_dir"]) / (init.get("name") or "") / f"version_{version}"
-    if init.get("version") is None and isinstance(version, int) and version >= 0 and folder.is_dir():
-        init["version"], init["purge_step"] = version, int(ckpt.get("global_step", 0))
+LOGGERS = ("charlm.callbacks.RunLogger", "lightning.pytorch.loggers.TensorBoardLogger")
+
+
+def tensorboard(logger) -> dict | None:
+    """The init_args of a TensorBoard logger's config; None for another logger or none."""
+    if isinstance(logger, bool | list | None) or logger.get("class_path") not in LOGGERS:
+        return None
+    return logger["init_args"]
+
+
+def run_name(config) -> str:
+    """The name a run's folders have: the logger's name when one is given, else the config's file name, with the
+    text's name after it when the text is not tiny-shakespeare, so that runs on different texts never mix."""
+    init = tensorboard(config["trainer"]["logger"])
+    if init is not None and init.get("name"):
+        return init["name"]
+    name = Path(str(config["config"][-1])).stem if config.get("config") else "default"
+    return f"{name}-{Path(config['data']['path']).stem}" if config["data"]["path"] else name
+
+
+def place_run(config, ckpt: dict | None, ckpt_path: Path | None) -> None:
+    """Point a fit at its folders, logs/<name>/version_N/ and checkpoints/<name>/version_N/ with the same N: the next
+    free N for a new run, the checkpoint's own folders for a resumed one (purge_step hides what that run logged after
+    the checkpoint, so every step appears once). An explicit --checkpoint.dirpath or logger version is kept."""
+    init, name = tensorboard(config["trainer"]["logger"]), run_name(config)
+    if ckpt is not None:
+        version = ckpt.get("log_version")
+        folder = ckpt_path.parent
+    else:
+        runs = [
+            *Path(init["save_dir"] if init else "logs", name).glob("version_*"),
+            *Path("checkpoints", name).glob("version_*"),
+        ]
+        taken = [int(run.name[8:]) for run in runs if run.name[8:].isdigit()]
+        version = max(taken, default=-1) + 1
+        folder = Path("checkpoints", name, f"version_{version}")
+    if init is not None:
+        init["name"] = name
+        if init.get("version") is None and version is not None:
+            init["version"] = version
+            if ckpt is not None:
+                init["purge_step"] = int(ckpt.get("global_step", 0))
+    if config["checkpoint"]["dirpath"] is None:
+        config["checkpoint"]["dirpath"] = str(folder)
 
 
 def load_net(path: Path, device: torch.device | str = "cpu") -> tuple[Net, Tokenizer]:

@@ -40,7 +40,7 @@ def download(url: str, dest: Path, sha256: str) -> Path:
             data = response.read()
     except (urllib.error.URLError, OSError) as e:
         raise OSError(
-            f"could not download {url} ({e}): check the network, put a copy of the file at {dest}, or pass "
+            f"could not download {url} ({e}): check the network, put a copy of the file at {dest.absolute()}, or pass "
             "--data.path FILE"
         ) from None
     digest = hashlib.sha256(data).hexdigest()
@@ -167,6 +167,7 @@ class CharDataModule(L.LightningDataModule):
             file = download(SHAKESPEARE_URL, Path(SHAKESPEARE_CACHE), SHAKESPEARE_SHA256)
         else:
             file = Path(path)
+        self.path = path
         self.corpus = corpus.load(file, tokenizer, Path(cache_dir))
         tokens = self.corpus.tokens
         self.block_size = block_size

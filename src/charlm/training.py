@@ -4,7 +4,6 @@ import math
 
 import lightning as L
 import torch
-from torch import nn
 from torchmetrics import SumMetric
 
 from charlm.models import IGNORE_INDEX, Net
@@ -14,7 +13,9 @@ class CharLM(L.LightningModule):
     """Trains a character-level language model.
 
     Args:
-        net: the model, a `charlm.models.Bigram` or `charlm.models.GPT`.
+        net: the model: GPT (the default; its flags --model.net.n_layer, n_head, n_embd, dropout, bias and pos_emb
+            are explained by --model.net.help GPT), or Bigram (--model.net Bigram). The vocabulary size and block_size
+            come from the data.
         lr: peak learning rate, reached after the warmup.
         min_lr: the learning rate at the end of the cosine decay.
         warmup_steps: optimizer steps of linear warmup from 0 to lr.
@@ -25,7 +26,7 @@ class CharLM(L.LightningModule):
 
     def __init__(
         self,
-        net: nn.Module,
+        net: Net,
         lr: float = 1e-2,
         min_lr: float = 1e-3,
         warmup_steps: int = 100,
@@ -108,8 +109,6 @@ class CharLM(L.LightningModule):
         self.log(f"{split}/loss", loss, prog_bar=True, sync_dist=True)
         self.log(f"{split}/bpc", loss / math.log(2), sync_dist=True)
         self.log(f"{split}/tokens", tokens, sync_dist=True)
-        if split == "val":  # TensorBoard's HPARAMS tab shows the latest: the final exact val loss
-            self.log("hp_metric", loss, sync_dist=True)
 
     def param_groups(self) -> list[dict]:
         """AdamW's parameter groups: weight decay on matrices and embeddings, none on biases and norm gains."""
