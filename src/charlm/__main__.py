@@ -414,6 +414,8 @@ def main(args: list[str] | None = None) -> None:
     # folder that holds checkpoints is refused before it starts
     warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
     warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
+    # a small text's epoch is shorter than the logging interval: charlm logs every N steps across epochs anyway
+    warnings.filterwarnings("ignore", "The number of training batches .* is smaller than the logging interval")
     # noise nobody running charlm can act on: Lightning 2.6.6 still builds torch's deprecated LeafSpec
     # (Lightning-AI/pytorch-lightning#21326), and every Trainer advertises a cloud logger
     warnings.filterwarnings("ignore", re.escape("`isinstance(treespec, LeafSpec)` is deprecated"), FutureWarning)
