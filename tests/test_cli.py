@@ -538,13 +538,13 @@ def test_a_compiled_run_saves_checkpoints_that_load_without_compile(corpus, tmp_
     assert float(result.stdout.split()[2]) == pytest.approx(compiled, abs=1e-4)
 
 
-def test_a_fit_into_a_file_prints_plain_progress_lines_on_stderr(corpus, tmp_path):
+def test_a_fit_into_a_file_prints_plain_progress_lines_on_stderr(corpus, capsys):
     steps = ["--trainer.max_steps", "100", "--trainer.val_check_interval", "100", "--generation.max_new_tokens", "0"]
-    result = charlm("fit", *tiny(corpus), *steps, "--trainer.enable_progress_bar", "true", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert re.search(r"\nstep 100/100  train \d\.\d{3}  tokens/s [\d,]+  eta 0:00\n", result.stderr)
-    assert "\x1b[" not in result.stdout + result.stderr  # no bar
-    assert [line for line in result.stdout.splitlines() if line.startswith("step")][0].startswith("step 100/100: ")
+    main(["fit", *tiny(corpus), *steps, "--trainer.enable_progress_bar", "true"])  # in-process: not a terminal
+    out, err = capsys.readouterr()
+    assert re.search(r"\nstep 100/100  train \d\.\d{3}  tokens/s [\d,]+  eta 0:00\n", err)
+    assert "\x1b[" not in out + err  # no bar
+    assert [line for line in out.splitlines() if line.startswith("step")][0].startswith("step 100/100: ")
 
 
 def test_a_fit_in_a_terminal_draws_the_rich_bar_counting_steps(corpus, tmp_path):
