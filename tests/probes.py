@@ -1,4 +1,7 @@
-"""A callback the DDP test adds to a real run (`--trainer.callbacks+=probes.RecordTraining`) to see inside each rank."""
+"""Callbacks that tests add to a real run (`--trainer.callbacks+=probes.RecordTraining`) to see or act inside it."""
+
+import os
+import signal
 
 import lightning as L
 import torch
@@ -16,3 +19,14 @@ class RecordTraining(L.Callback):
     def on_train_end(self, trainer, pl_module):
         state = {"inputs": torch.stack(self.inputs), "state_dict": pl_module.state_dict()}
         torch.save(state, f"probe-rank{trainer.global_rank}.pt")
+
+
+class InterruptAt(L.Callback):
+    """Press Ctrl-C, in effect: send this process SIGINT once optimizer step `step` is done."""
+
+    def __init__(self, step: int = 3):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)

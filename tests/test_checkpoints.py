@@ -14,8 +14,7 @@ from conftest import tiny
 
 from charlm.__main__ import main
 
-ALL = ("fit", "validate", "generate", "attention")
-NET = ("generate", "attention")  # fit, validate and test build the net from the config, not from the checkpoint
+ALL = ("fit", "validate", "generate", "attention", "fine-tune")  # each builds the net the checkpoint describes
 RESUME = ("fit",)  # what only resuming training reads: optimizer, schedule, generators
 
 
@@ -43,16 +42,17 @@ CASES = {
     "a best path that is a number": (ALL, lambda c: saver_state(c).update(best_model_path=5), "best_model_path is"),
     "a step that is text": (ALL, lambda c: c.update(global_step="5"), "its global_step is str '5'"),
     "a log version that is a path": (ALL, lambda c: c.update(log_version="0/../../x"), "its log_version is str"),
-    "a vocabulary of 10^9": (NET, lambda c: net_args(c).update(vocab_size=10**9), "{'vocab_size': 1000000000}"),
-    "a width of 2^20": (NET, lambda c: net_args(c).update(n_embd=2**20), "{'n_embd': 1048576} exceeds"),
-    "10^6 layers": (NET, lambda c: net_args(c).update(n_layer=10**6), "{'n_layer': 1000000} exceeds"),
-    "a context of 10^12": (NET, lambda c: net_args(c).update(block_size=10**12), "{'block_size': 1000000000000}"),
-    "an unknown argument": (NET, lambda c: net_args(c).update(evil=1), "unexpected keyword argument 'evil'"),
-    "a width that is text": (NET, lambda c: net_args(c).update(n_embd="32"), "not a charlm checkpoint"),
-    "a width the weights do not have": (NET, lambda c: net_args(c).update(n_embd=16), "do not match its init_args"),
-    "a vocabulary the net does not have": (NET, lambda c: c["CharDataModule"].update(chars="abc"), "3 ids, its net 65"),
-    "weights gone to NaN": (
-        NET,
+    "a source that is a number": (ALL, lambda c: c["hyper_parameters"].update(init_from=5), "its init_from is int '5'"),
+    "a vocabulary of 10^9": (ALL, lambda c: net_args(c).update(vocab_size=10**9), "{'vocab_size': 1000000000}"),
+    "a width of 2^20": (ALL, lambda c: net_args(c).update(n_embd=2**20), "{'n_embd': 1048576} exceeds"),
+    "10^6 layers": (ALL, lambda c: net_args(c).update(n_layer=10**6), "{'n_layer': 1000000} exceeds"),
+    "a context of 10^12": (ALL, lambda c: net_args(c).update(block_size=10**12), "{'block_size': 1000000000000}"),
+    "an unknown argument": (ALL, lambda c: net_args(c).update(evil=1), "unexpected keyword argument 'evil'"),
+    "a width that is text": (ALL, lambda c: net_args(c).update(n_embd="32"), "not a charlm checkpoint"),
+    "a width the weights do not have": (ALL, lambda c: net_args(c).update(n_embd=16), "do not match its init_args"),
+    "a vocabulary the net does not have": (ALL, lambda c: c["CharDataModule"].update(chars="abc"), "3 ids, its net 65"),
+    "weights gone to NaN": (  # resume and validate stop at their first loss (test_resume.py)
+        ("generate", "attention", "fine-tune"),
         lambda c: c["state_dict"]["net.ln_f.weight"].fill_(float("nan")),
         "its weight ln_f.weight holds NaN or infinity (the run diverged): pass an earlier one",
     ),
@@ -84,6 +84,7 @@ def commands(corpus, path) -> dict[str, list[str]]:
         "validate": ["validate", *tiny(corpus), "--ckpt_path", str(path)],
         "generate": ["generate", "--ckpt_path", str(path), "--max_new_tokens", "5"],
         "attention": ["attention", "--ckpt_path", str(path), "--out", "picture.png"],
+        "fine-tune": ["fit", "--data.path", str(corpus), "--model.init_from", str(path)],
     }
 
 

@@ -185,7 +185,10 @@ def files_and_contents(folder) -> dict:
         (["--data.path", "latin1.txt"], "--data.path latin1.txt is not UTF-8 (byte offset 3)"),
         (["--data.path", "short.txt"], "the training split has 32 characters, fewer than one window"),
         (["--data.path", "other.txt"], "the checkpoint's vocabulary (65 characters) differs from this text's (14)"),
-        (["--model.net.init_args.n_head", "3"], "n_embd=32 is not divisible by n_head=3"),
+        (
+            ["--model.net.init_args.n_head", "3"],
+            "holds a GPT with n_head=2, the config or flags give --model.net.init_args.n_head 3",
+        ),
         (["--data.block_size", "0"], "--data.block_size 0 and --data.batch_size 64 must both be >= 1"),
         (["--model.net.init_args.dropout", "1.0"], "dropout=1.0 is outside [0, 1)"),
         (["--model.lr", "0"], "--model.lr 0.0 must be > 0"),
@@ -207,10 +210,7 @@ def files_and_contents(folder) -> dict:
             "`CUDAAccelerator` can not run on your system since the accelerator is not available",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU"),
         ),
-        (
-            ["--model.net.init_args.n_embd", "48"],
-            "net.h.0.attn.c_attn.weight is [96, 32] in the checkpoint and [144, 48] in the config",
-        ),
+        (["--model.net.init_args.pos_emb", "learned"], "holds a GPT with pos_emb=rope, the config or flags give"),
         (["--ckpt_path", "nothing.ckpt"], "--ckpt_path nothing.ckpt does not exist"),
         (["--ckpt_path", "truncated.ckpt"], "truncated.ckpt is not a valid checkpoint"),
         (["--ckpt_path", "logs/gpt-cpu-plays/version_0/config.yaml"], "config.yaml is not a valid checkpoint"),

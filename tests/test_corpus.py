@@ -143,8 +143,9 @@ def test_byte_tokenizer_fits_generates_validates_and_draws(tmp_path, capsys):
     assert run_main("validate", *flags, "--ckpt_path", "last") == 0
     assert run_main("attention", "--ckpt_path", "last", "--prompt", "世界 → ü", "--out", "a.png") == 0
     assert (tmp_path / "a.png").stat().st_size > 0
-    with pytest.raises(SystemExit, match="the checkpoint was trained with --data.tokenizer bytes, this run uses chars"):
-        main(["fit", *tiny(tmp_path / "text.txt"), "--data.block_size", "16", "--ckpt_path", "last"])
+    resume = [*tiny(tmp_path / "text.txt"), "--data.block_size", "16", "--ckpt_path", "last"]
+    with pytest.raises(SystemExit, match="trained with --data.tokenizer bytes, the config or flags give chars"):
+        main(["fit", *resume, "--data.tokenizer", "chars"])
 
 
 def test_a_folder_is_its_txt_files_in_path_order_a_newline_between(tmp_path):

@@ -112,7 +112,9 @@ class CharLMCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         super().parse_arguments(parser, args)
-        self.verbose = self.config[self.config["subcommand"]]["verbose"]
+        config = self.config[self.config["subcommand"]]
+        self.verbose = config["verbose"]
+        self.given = given_settings(parser, args) if config["ckpt_path"] or config["model"]["init_from"] else {}
         for name in ("lightning.pytorch", "lightning.fabric"):  # "Seed set to", "GPU available: False", ...
             logging.getLogger(name).setLevel(logging.INFO if self.verbose else logging.WARNING)
 
@@ -135,14 +137,49 @@ class CharLMCLI(LightningCLI):
             raise ValueError(
                 f"{self.subcommand} scores a trained checkpoint: pass --ckpt_path last, best or a .ckpt file"
             )
+        self.init_ckpt = self.starting_point(config) if self.subcommand == "fit" else None
+        if self.ckpt is not None:
+            checkpoints.adopt_architecture(config, self.given, self.ckpt, path, "--ckpt_path")
+        elif self.init_ckpt is not None:
+            init_from = Path(config["model"]["init_from"])
+            checkpoints.adopt_architecture(config, self.given, self.init_ckpt, init_from, "--model.init_from")
         checkpoints.place_run(config, self.ckpt, path)
         if self.subcommand != "fit":  # a score, printed: not a TensorBoard run beside the trainings
             trainer["logger"] = False
 
+    def starting_point(self, config) -> dict | None:
+        """The checkpoint that --model.init_from names for a new run, read and checked, its file recorded in the
+        config. A resumed run records what its checkpoint does: where the weights it was started from came from."""
+        init_from = config["model"]["init_from"]
+        if self.ckpt is not None:
+            recorded = self.ckpt["hyper_parameters"].get("init_from")
+            if (
+                init_from is not None
+                and init_from != recorded
+                and not (
+                    recorded
+                    and checkpoints.resolve(init_from, Path("checkpoints"), "--model.init_from").samefile(recorded)
+                )
+            ):
+                raise ValueError(
+                    f"--model.init_from {init_from} and --ckpt_path {config['ckpt_path']} both given: --ckpt_path "
+                    "resumes the run it names, --model.init_from starts a new one from a checkpoint's weights: drop one"
+                )
+            config["model"]["init_from"] = recorded
+            return None
+        if init_from is None:
+            return None
+        path = checkpoints.resolve(init_from, Path("checkpoints"), "--model.init_from")
+        config["model"]["init_from"] = str(path)
+        ckpt = checkpoints.read(path)
+        checkpoints.check_finite(ckpt, path)
+        return ckpt
+
     def _parse_ckpt_path(self) -> None:
-        """Lightning would merge a checkpoint's stored hyperparameters over the config; here the config decides and
-        `checkpoints.check_fits` refuses a checkpoint that does not fit it. Private, until a release has
-        Lightning-AI/pytorch-lightning#21408 (an `adapt_checkpoint_hparams` hook for #20801)."""
+        """Lightning would merge all of a checkpoint's stored hyperparameters over the config, silently; here only
+        its net is taken, and a config or flag that contradicts it is refused (`checkpoints.adopt_architecture`), and
+        the training settings are the config's. Private, until a release has Lightning-AI/pytorch-lightning#21408
+        (an `adapt_checkpoint_hparams` hook for #20801)."""
 
     def after_fit(self) -> None:
         """Where the run's checkpoints and curves are, and how to sample from it."""
@@ -188,6 +225,15 @@ class CharLMCLI(LightningCLI):
         if self.ckpt is not None:
             ckpt_path = self.config_init[self.subcommand]["ckpt_path"]
             checkpoints.check_fits(self.ckpt, ckpt_path, self.subcommand, self.trainer, self.model, self.datamodule)
+        if self.init_ckpt is not None:
+            path = self.model.hparams.init_from
+            new = checkpoints.start_from(self.init_ckpt, path, self.model.net, self.datamodule.tokenizer)
+            about = "it knows every character of this text"
+            if new:
+                shown = ": " + " ".join(visible(c) for c in new) if len(new) <= 20 else ""
+                about = f"{len(new)} of this text's {self.datamodule.vocab_size} characters are new to it"
+                about += f" and start untrained{shown}"
+            print(f"charlm: starting from {path} (step {self.init_ckpt['global_step']}): {about}", file=sys.stderr)
 
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand]["trainer"]
@@ -195,6 +241,18 @@ class CharLMCLI(LightningCLI):
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             kwargs["callbacks"] = [*callbacks, StepBar() if sys.stderr.isatty() else StepLines()]
         return super().instantiate_trainer(**kwargs)
+
+
+def given_settings(parser: LightningArgumentParser, args: list[str] | None) -> dict:
+    """What the command's config files and flags set, without the defaults: what a checkpoint's net must agree with."""
+    argv = sys.argv[1:] if args is None else list(args)
+    # the parse-time link from data.block_size needs a value: one nobody passes stands in, unless a config sets one.
+    # Validated already, in full: a partial config would fail on the required values it leaves out
+    argv = [argv[0], "--data.block_size=-1", *argv[1:]]
+    given = parser.parse_args(argv, defaults=False, _skip_validation=True)[argv[0]].as_dict()
+    if given["data"]["block_size"] == -1:
+        del given["data"]["block_size"]
+    return given
 
 
 def trainer_defaults() -> dict:

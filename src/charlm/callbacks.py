@@ -167,6 +167,7 @@ def settings(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         "max_steps": trainer.max_steps,
         "tokenizer": dm.tokenizer.name,
         "data": str(dm.path) if dm.path else "tiny-shakespeare",
+        "init_from": hparams.get("init_from") or "",
         "precision": str(trainer.precision),
     }
 

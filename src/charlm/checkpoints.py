@@ -5,14 +5,19 @@ A checkpoint is Lightning's dict (weights under `state_dict`, optimizer, loops, 
 - `CharDataModule`: the tokenizer (the DataModule's state_dict), so a checkpoint alone can generate text, and the
   training batches' block_size, batch_size and seed, so a run resumed with others can say so;
 - `rng_states`: the torch and CUDA generators, so dropout after a resume draws what the run would have drawn;
-- `log_version`: the TensorBoard version folder the run logged into, where a resumed run logs on.
+- `log_version`: the TensorBoard version folder the run logged into, where a resumed run logs on;
+- `hyper_parameters["init_from"]`: for a fine-tuned run, the checkpoint file its weights started from.
+
+Whatever starts from a checkpoint (resume, validate, test, fine-tune, generate) builds the net it describes
+(`checked_net`); `adopt_architecture` refuses a config or flag that says otherwise, and `start_from` carries a
+checkpoint's weights over to a net for another text, character by character.
 
 A run's checkpoints go to `checkpoints/<name>/version_N/`, beside its logs in `logs/<name>/version_N/` (`place_run`).
 `--ckpt_path` means one thing in every command (`resolve`): a file is that file; a folder is its `last.ckpt`, or
 else the newest `last.ckpt` one or two folders down; `last` is the checkpoint folder taken that way
 (`checkpoints/<name>/` or `--checkpoint.dirpath` for fit, validate and test: the newest run of that name;
-`checkpoints/` for generate and attention: the newest run); `best` is the checkpoint with the lowest val/loss that
-the `last.ckpt` so found names, in that file's folder.
+`checkpoints/` for generate, attention and `--model.init_from`: the newest run); `best` is the checkpoint with the
+lowest val/loss that the `last.ckpt` so found names, in that file's folder.
 
 Whatever stops a run, the newest checkpoint on disk is whole, and resuming from it loses only the steps since.
 """
@@ -24,6 +29,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from rich.console import Console
@@ -246,34 +252,33 @@ def lock_folder(folder: Path):
     return lock
 
 
-def resolve(ckpt_path: str, folder: Path) -> Path:
-    """The checkpoint file that --ckpt_path names; `folder` is the one that `last` and `best` look in."""
+def resolve(ckpt_path: str, folder: Path, flag: str = "--ckpt_path") -> Path:
+    """The checkpoint file that `flag` (--ckpt_path, --model.init_from) names; `folder` is the one that `last` and
+    `best` look in."""
     if ckpt_path not in ("last", "best"):
         folder = Path(ckpt_path)
         if folder.is_file():
             return folder
         if not folder.is_dir():
-            raise FileNotFoundError(
-                f"--ckpt_path {ckpt_path} does not exist: pass a .ckpt file, a folder, last or best"
-            )
+            raise FileNotFoundError(f"{flag} {ckpt_path} does not exist: pass a .ckpt file, a folder, last or best")
     last = folder / LAST
     if not last.is_file():
         # checkpoints/<name>/version_N/last.ckpt: a run's folder holds its versions, checkpoints/ its runs
         below = sorted([*folder.glob(f"*/{LAST}"), *folder.glob(f"*/*/{LAST}")], key=lambda p: p.stat().st_mtime)
         if not below:
             raise FileNotFoundError(
-                f"--ckpt_path {ckpt_path}: no {LAST} in {folder.resolve()}/: train first, or pass a file"
+                f"{flag} {ckpt_path}: no {LAST} in {folder.resolve()}/: train first, or pass a file"
             )
         last = below[-1]
-    return best(last) if ckpt_path == "best" else last
+    return best(last, flag) if ckpt_path == "best" else last
 
 
-def best(last: Path) -> Path:
+def best(last: Path, flag: str) -> Path:
     """The checkpoint with the lowest val/loss that a last.ckpt names, in the last.ckpt's folder (moved or not)."""
     states = read(last).get("callbacks", {})
     names = [Path(state["best_model_path"]).name for state in states.values() if state.get("best_model_path")]
     if not names or not (last.parent / names[0]).is_file():
-        raise FileNotFoundError(f"--ckpt_path best: {last} names no best checkpoint that exists: pass a file")
+        raise FileNotFoundError(f"{flag} best: {last} names no best checkpoint that exists: pass a file")
     return last.parent / names[0]
 
 
@@ -310,7 +315,9 @@ def check_layout(ckpt) -> None:
         expect(tensor, torch.Tensor, f"weight {str(name)[:40]!r}")
         if not tensor.is_floating_point() or tensor.is_meta:
             raise ValueError(f"its weight {str(name)[:40]!r} is {tensor.dtype} on {tensor.device}, not real numbers")
-    net = expect(expect(ckpt.get("hyper_parameters"), dict, "hyper_parameters").get("net"), dict, "net")
+    hparams = expect(ckpt.get("hyper_parameters"), dict, "hyper_parameters")
+    expect(hparams.get("init_from"), str | None, "init_from")
+    net = expect(hparams.get("net"), dict, "net")
     if net.get("class_path") not in NETS:
         raise ValueError(f"its net {str(net.get('class_path'))[:40]!r} is not one of {list(NETS)}")
     for name, value in expect(net.get("init_args"), dict, "net's init_args").items():
@@ -474,20 +481,16 @@ def place_run(config, ckpt: dict | None, ckpt_path: Path | None) -> None:
         config["checkpoint"]["dirpath"] = str(folder)
 
 
-def load_net(path: Path, device: torch.device | str = "cpu") -> tuple[Net, Tokenizer]:
-    """The net (in eval mode) and the tokenizer stored in a charlm checkpoint; nothing else is needed.
-
-    The net is built from the checkpoint's init_args only once they are known to describe its weights: each size at
-    most the number of weights, no more layers than tensors, then built without memory (on the meta device) and its
-    weight names and shapes compared, its other buffers no larger than its weights.
-    """
-    ckpt = read(path, device)
+def checked_net(ckpt: dict, path: Path) -> tuple[type[Net], dict, Tokenizer]:
+    """The class, init_args and tokenizer of a checkpoint's net, once they are known to describe its weights: each
+    size at most the number of weights, no more layers than tensors, the net built without memory (on the meta
+    device) and its weight names and shapes compared, its other buffers no larger than its weights."""
     net_config = ckpt["hyper_parameters"]["net"]
     cls = NETS[net_config["class_path"]]
     init_args = net_config["init_args"]
     if cls is GPT:
         init_args = {"pos_emb": "learned"} | init_args  # a GPT saved without pos_emb learned its positions
-    weights = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    weights = net_weights(ckpt)
     numel = sum(t.numel() for t in weights.values())
     sizes = {k: v for k, v in init_args.items() if isinstance(v, int) and v > numel}
     if init_args.get("n_layer", 0) > len(weights):
@@ -507,11 +510,98 @@ def load_net(path: Path, device: torch.device | str = "cpu") -> tuple[Net, Token
             raise ValueError(f"its tokenizer has {tokenizer.vocab_size} ids, its net {shell.config['vocab_size']}")
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path} is not a charlm checkpoint ({e}): pass a .ckpt file charlm saved") from None
-    diverged = [name for name, tensor in weights.items() if not tensor.isfinite().all()]
+    return cls, shell.config, tokenizer
+
+
+def net_weights(ckpt: dict) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+
+
+def check_finite(ckpt: dict, path: Path) -> None:
+    """Refuse weights that hold NaN or infinity: nothing to sample or start from (resume and validate find it out
+    in their first loss, and say so then)."""
+    diverged = [name for name, tensor in net_weights(ckpt).items() if not tensor.isfinite().all()]
     if diverged:
         raise ValueError(
             f"{path}: its weight {diverged[0]} holds NaN or infinity (the run diverged): pass an earlier one"
         )
+
+
+def load_net(path: Path, device: torch.device | str = "cpu") -> tuple[Net, Tokenizer]:
+    """The net (in eval mode) and the tokenizer stored in a charlm checkpoint (`checked_net`); nothing else is
+    needed."""
+    ckpt = read(path, device)
+    cls, init_args, tokenizer = checked_net(ckpt, path)
+    check_finite(ckpt, path)
     net = cls(**init_args)
-    net.load_state_dict(weights)
+    net.load_state_dict(net_weights(ckpt))
     return net.to(device).eval(), tokenizer
+
+
+def adopt_architecture(config, given: dict, ckpt: dict, path: Path, flag: str) -> None:
+    """Configure the net a checkpoint holds: its class, sizes and tokenizer, and its block_size and dropout unless
+    `given` (what the config files and flags set) has them. A given class, size or tokenizer that differs from the
+    checkpoint's is refused, naming both; so is a block_size beyond the positions a GPT learned."""
+    cls, init_args, tokenizer = checked_net(ckpt, path)
+    class_path = f"{cls.__module__}.{cls.__name__}"
+    net = given.get("model", {}).get("net") or {}
+    if net.get("class_path", class_path) != class_path:
+        raise ValueError(
+            f"{flag} {path} holds a {cls.__name__}, the config or flags give --model.net "
+            f"{net['class_path'].rsplit('.', 1)[-1]}: drop it, the architecture comes from the checkpoint"
+        )
+    args = dict(init_args)
+    for key, value in (net.get("init_args") or {}).items():
+        if key == "dropout":  # how the net trains, not what it is
+            args[key] = value
+        elif key in args and key not in ("vocab_size", "block_size") and value != args[key]:
+            raise ValueError(
+                f"{flag} {path} holds a {cls.__name__} with {key}={args[key]}, the config or flags give "
+                f"--model.net.init_args.{key} {value}: drop it, the architecture comes from the checkpoint"
+            )
+    data = given.get("data") or {}
+    if data.get("tokenizer", tokenizer.name) != tokenizer.name:
+        raise ValueError(
+            f"{flag} {path} was trained with --data.tokenizer {tokenizer.name}, the config or flags give "
+            f"{data['tokenizer']}: drop it, the tokenizer comes from the checkpoint"
+        )
+    config["data"]["tokenizer"] = tokenizer.name
+    if "block_size" in args:
+        if "block_size" not in data:
+            config["data"]["block_size"] = args["block_size"]
+        elif args.get("pos_emb") == "learned" and data["block_size"] > args["block_size"]:
+            raise ValueError(
+                f"--data.block_size {data['block_size']} is longer than the {args['block_size']} positions that "
+                f"{flag} {path} learned: pass at most {args['block_size']}"
+            )
+        args["block_size"] = config["data"]["block_size"]
+    config["model"]["net"] = Namespace(class_path=class_path, init_args=Namespace(**args))
+
+
+def start_from(ckpt: dict, path: Path, net: Net, tokenizer: Tokenizer) -> list[str]:
+    """Load a checkpoint's weights into `net`, a net of its architecture made for another text, and return the
+    characters that are new to the checkpoint. A character both know keeps the checkpoint's embedding and output
+    rows (a bigram's table entries); a new one keeps the fresh rows `net` was built with. Bytes are the same 256
+    ids in every run: nothing is remapped."""
+    theirs = tokenizer_from_state(ckpt[DATA])
+    chars = tokenizer.chars if tokenizer.name == "chars" else [chr(i) for i in range(256)]
+    ids = [theirs.stoi.get(c, -1) for c in chars] if tokenizer.name == "chars" else list(range(256))
+    here = torch.tensor([i for i, id in enumerate(ids) if id >= 0], dtype=torch.long)
+    known = torch.tensor([id for id in ids if id >= 0], dtype=torch.long)
+    if not len(known):
+        raise ValueError(
+            f"none of the text's {len(chars)} characters is among the {theirs.vocab_size} that --model.init_from "
+            f"{path} knows: there is nothing to start from; train from scratch (drop --model.init_from)"
+        )
+    weights, state = net_weights(ckpt), {}
+    for name, fresh in net.state_dict().items():
+        old, tensor = weights[name], fresh.clone()
+        if name in ("wte.weight", "lm_head.weight"):
+            tensor[here] = old[known]
+        elif name == "table.weight":
+            tensor[here[:, None], here] = old[known[:, None], known]
+        else:  # a shorter block_size uses the first of the learned positions
+            tensor = old[: len(tensor)] if name == "wpe.weight" else old
+        state[name] = tensor
+    net.load_state_dict(state)
+    return [c for c, id in zip(chars, ids) if id < 0]

@@ -22,6 +22,9 @@ class CharLM(L.LightningModule):
         weight_decay: AdamW weight decay, applied to matrices only (not to biases or norms).
         beta2: AdamW's second-moment decay; 0.95 suits short runs, 0.99 small batches over long ones (nanoGPT).
         compile: run the net's training and validation passes through `torch.compile` (generation stays eager).
+        init_from: fine-tune: a charlm checkpoint (a file, a folder, last or best, as for generate) whose weights the
+            net starts from, in a new run at step 0 with a fresh optimizer and schedule. `fit` takes the net's class,
+            sizes and tokenizer from it and loads its weights (`checkpoints.start_from`); the hparams record the file.
     """
 
     def __init__(
@@ -33,6 +36,7 @@ class CharLM(L.LightningModule):
         weight_decay: float = 0.1,
         beta2: float = 0.95,
         compile: bool = False,
+        init_from: str | None = None,
     ):
         super().__init__()
         if not isinstance(net, Net):
