@@ -8,6 +8,7 @@ their flags the functions' typed arguments, their --help the docstrings (jsonarg
 """
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -433,6 +434,7 @@ COMMANDS = {
     "generate": generate,
     "attention": attention,
     "data": data,
+    "sweep": "search hyperparameters on Optuna: trials of fit, stopped early when clearly worse",
 }
 
 
@@ -487,6 +489,12 @@ def main(args: list[str] | None = None) -> None:
     handlers = {signum: signal.signal(signum, checkpoints.stop_now) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         command = COMMANDS.get(argv[0])
+        if argv[0] == "sweep":
+            from charlm.sweep import sweep  # Optuna's import takes time: only a sweep pays it
+
+            if "--" in argv:  # sweep [FLAGS] -- [FIT FLAGS]: the rest is for every trial's fit
+                argv = [*argv[: argv.index("--")], "--fit", json.dumps(argv[argv.index("--") + 1 :])]
+            command = sweep
         if callable(command):
             run(argv[0], command, argv[1:])
             return

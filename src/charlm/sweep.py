@@ -1,0 +1,289 @@
+"""`python -m charlm sweep`: hyperparameter search on Optuna, every trial a real `fit`.
+
+A search space is a YAML mapping of fit flags (without the leading --) to distributions:
+
+    model.lr: {low: 0.001, high: 0.03, log: true}      # a float range (log: sampled on a log scale)
+    model.warmup_steps: {low: 0, high: 200, step: 50}  # ints when low and high are ints
+    model.net.init_args.n_embd: {choices: [64, 96]}    # one of these values
+
+Each trial runs `fit` in this process with the sampled flags on top of the sweep's config and flags, logs to
+`sweeps/<study>/trial_N/` (TensorBoard's HPARAMS compares them), and reports every exact validation to Optuna, whose
+pruner may stop it early. The objective is the trial's best exact val/loss (minimised). The study lives in an Optuna
+storage (by default SQLite, `sweeps/<study>/study.db`): the same command again continues it, and several processes
+(or machines, with a shared database) given the same storage work on it together until it holds `n_trials` trials.
+"""
+
+import fcntl
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import yaml
+from jsonargparse.typing import NonNegativeInt, PositiveInt
+from rich.console import Console
+from rich.table import Table
+
+try:
+    import optuna
+    from optuna.trial import TrialState
+except ImportError:  # an optional extra: the other commands do not need it
+    optuna = None
+
+SWEEPS = Path("sweeps")
+PRUNING = "charlm.sweep.Pruning"
+
+
+class Pruning(L.Callback):
+    """Report each exact validation of a fit to its Optuna trial, and stop the fit when the pruner says so.
+
+    Args:
+        storage: the study's storage URL.
+        study: the study's name.
+        trial: the trial's number in that study.
+        startup_trials: the pruner's (a storage keeps no pruner: each process that prunes makes its own).
+    """
+
+    def __init__(self, storage: str, study: str, trial: int, startup_trials: int):
+        rdb = optuna.storages.RDBStorage(storage)
+        the_study = optuna.load_study(study_name=study, storage=rdb, pruner=median_pruner(startup_trials))
+        self.trial = optuna.Trial(the_study, trial_id(rdb, study, trial))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        self.trial.report(float(trainer.callback_metrics["val/loss"]), trainer.global_step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after step {trainer.global_step}")
+
+
+def median_pruner(startup_trials: int):
+    """Stop a trial whose val loss at a step is worse than the median of the finished trials' at that step."""
+    return optuna.pruners.MedianPruner(n_startup_trials=startup_trials)
+
+
+def read_space(path: Path) -> dict:
+    """The search space file as Optuna distributions, with one-line errors for what is not one."""
+    try:
+        space = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(
+            f"--space {path}: cannot be read as YAML ({str(e).splitlines()[0]}): pass a space file"
+        ) from None
+    if not isinstance(space, dict) or not space:
+        raise ValueError(f"--space {path} is not a mapping of flags to distributions: see configs/sweeps/cpu.yaml")
+    distributions = {}
+    for flag, spec in space.items():
+        where = f"--space {path}: {flag}"
+        if not isinstance(spec, dict):
+            raise ValueError(f"{where} is {spec!r}: give {{low, high}} or {{choices: [...]}}")
+        if "choices" in spec:
+            if not isinstance(spec["choices"], list) or not spec["choices"]:
+                raise ValueError(f"{where}: choices must be a non-empty list")
+            distributions[flag] = optuna.distributions.CategoricalDistribution(spec["choices"])
+            continue
+        low, high = spec.get("low"), spec.get("high")
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high)) or not low <= high:
+            raise ValueError(f"{where}: low and high must be numbers with low <= high, not {low!r} and {high!r}")
+        log, step = bool(spec.get("log", False)), spec.get("step")
+        try:
+            if isinstance(low, int) and isinstance(high, int):
+                distributions[flag] = optuna.distributions.IntDistribution(low, high, log=log, step=step or 1)
+            else:
+                distributions[flag] = optuna.distributions.FloatDistribution(low, high, log=log, step=step)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    return distributions
+
+
+def owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def trial_id(storage, study: str, number: int) -> int:
+    """A trial's id in a storage, which Optuna's trial objects keep private."""
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study), number)
+
+
+def reap(study, storage) -> None:
+    """Fail the running trials of processes on this machine that are gone (killed): the study goes on without them."""
+    host = socket.gethostname()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        machine, _, pid = str(trial.user_attrs.get("owner", "")).rpartition(":")
+        if machine == host and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            storage.set_trial_state_values(trial_id(storage, study.study_name, trial.number), TrialState.FAIL)
+
+
+def counted(trial) -> bool:
+    """Whether a trial counts toward n_trials: done, running, or failed on its own (not killed, not surplus)."""
+    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING) or (
+        trial.state == TrialState.FAIL and "error" in trial.user_attrs
+    )
+
+
+def run_trial(
+    study, storage_url: str, trial, startup_trials: int, folder: Path, flags: list[str], keep_checkpoints: bool
+) -> float:
+    """One fit with the trial's flags; its best exact val loss. Raises TrialPruned, or Failed with the fit's error."""
+    from charlm.__main__ import main  # here: __main__ imports this module for its command table
+
+    name = f"trial_{trial.number}"
+    sampled = [f"--{flag}={value}" for flag, value in trial.params.items()]
+    callback = {"class_path": PRUNING, "init_args": {"storage": storage_url, "study": study.study_name}}
+    callback["init_args"] |= {"trial": trial.number, "startup_trials": int(startup_trials)}  # a plain int for YAML
+    try:
+        main(
+            [
+                "fit",
+                *flags,
+                *sampled,
+                f"--trainer.logger.init_args.save_dir={folder}",
+                f"--trainer.logger.init_args.name={name}",
+                "--trainer.logger.init_args.version=0",
+                f"--checkpoint.dirpath={folder / name / 'checkpoints'}",
+                f"--trainer.callbacks+={yaml.safe_dump(callback, default_flow_style=True).strip()}",
+            ]
+        )
+    except SystemExit as e:
+        if not isinstance(e.code, str):  # a signal (exit 128 + n) or a flag error (exit 2, said on stderr)
+            raise
+        raise Failed(e.code.removeprefix("charlm: error: ")) from None
+    except optuna.TrialPruned:
+        raise
+    except Exception as e:  # out of memory, or anything else a fit raises: that trial's, not the sweep's
+        raise Failed(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}") from None
+    finally:
+        if not keep_checkpoints:
+            shutil.rmtree(folder / name / "checkpoints", ignore_errors=True)
+    values = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number).intermediate_values
+    if not values:
+        raise Failed("the fit ran no validation: give --max_steps more than --trainer.val_check_interval")
+    return min(values.values())
+
+
+class Failed(Exception):
+    """A trial's fit stopped with an error: recorded with its reason, and the sweep goes on."""
+
+
+def best_config(folder: Path, trial) -> Path:
+    """Write the best trial's config as one that `fit --config` runs as is: its own logs and checkpoints."""
+    config = yaml.safe_load((folder / f"trial_{trial.number}/version_0/config.yaml").read_text())
+    config["trainer"]["logger"]["init_args"] |= {"save_dir": "logs", "name": None, "version": None}
+    config["trainer"]["callbacks"] = [c for c in config["trainer"].get("callbacks") or [] if c["class_path"] != PRUNING]
+    config["checkpoint"]["dirpath"] = None
+    config["ckpt_path"] = None
+    path = folder / "best.yaml"
+    header = f"# the best trial of sweep {folder.name}: trial {trial.number}, best exact val loss {trial.value:.4f}\n"
+    path.write_text(header + yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def show(study, space: dict, top: int) -> None:
+    trials = study.get_trials(deepcopy=False)
+    done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    states = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
+    table = Table(title=f"sweep {study.study_name}: {', '.join(f'{n} {s}' for s, n in states.items() if n)}")
+    for column in ("trial", "val loss", *space, "seconds"):
+        table.add_column(column, justify="right")
+    for trial in done[:top]:
+        seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
+        params = [
+            f"{trial.params[k]:.4g}" if isinstance(trial.params[k], float) else str(trial.params[k]) for k in space
+        ]
+        table.add_row(str(trial.number), f"{trial.value:.4f}", *params, f"{seconds:.1f}")
+    Console().print(table)
+    for trial in trials:
+        if trial.state == TrialState.FAIL and "error" in trial.user_attrs:
+            print(f"trial {trial.number} failed: {trial.user_attrs['error']}")
+
+
+def sweep(
+    space: str,
+    config: str | None = None,
+    fit: list[str] | None = None,
+    n_trials: PositiveInt = 20,
+    max_steps: PositiveInt | None = None,
+    study: str | None = None,
+    storage: str | None = None,
+    sampler: Literal["tpe", "random"] = "tpe",
+    seed: int | None = None,
+    pruner_startup_trials: NonNegativeInt = 3,
+    keep_checkpoints: bool = False,
+    top: PositiveInt = 10,
+    show_only: bool = False,
+) -> None:
+    """Search hyperparameters on Optuna: trials of `fit` with flags drawn from a space, pruned early when worse.
+
+    Args:
+        space: a YAML file mapping fit flags to distributions ({low, high, log, step} or {choices}).
+        config: the fit config every trial starts from (--config of fit).
+        fit: more fit flags for every trial, as a list: '["--data.path", "my.txt"]'.
+        n_trials: trials the study should hold; a study that has them already only shows its table.
+        max_steps: every trial's --trainer.max_steps: the budget.
+        study: the study's name (default: the space file's name); its folder is sweeps/<study>/.
+        storage: an Optuna storage URL (default: sqlite:///sweeps/<study>/study.db); a shared database
+            (postgresql://..., mysql://...) lets workers on several machines share the study.
+        sampler: tpe learns from finished trials; random does not.
+        seed: the sampler's seed.
+        pruner_startup_trials: trials that run to the end before the median pruner stops any.
+        keep_checkpoints: keep every trial's checkpoints (by default removed: they are large).
+        top: rows of the table of best trials.
+        show_only: print the table of a study, in progress or finished, and run nothing.
+    """
+    if optuna is None:
+        raise ValueError('charlm sweep needs Optuna: pip install -e ".[sweep]"')
+    distributions = read_space(Path(space))
+    name = study or Path(space).stem
+    folder = SWEEPS / name
+    folder.mkdir(parents=True, exist_ok=True)
+    url = storage or f"sqlite:///{folder / 'study.db'}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
+    with open(folder / ".lock", "w") as lock:  # two workers starting at once would both create the tables
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rdb = optuna.storages.RDBStorage(url)
+        the_study = optuna.create_study(
+            storage=rdb,
+            study_name=name,
+            direction="minimize",
+            load_if_exists=True,
+            sampler=samplers[sampler](seed=seed),
+            pruner=median_pruner(pruner_startup_trials),
+        )
+    flags = [*(["--config", config] if config else []), *(fit or [])]
+    flags += [f"--trainer.max_steps={max_steps}"] if max_steps else []
+    while not show_only:
+        reap(the_study, rdb)
+        if sum(counted(t) for t in the_study.get_trials(deepcopy=False)) >= n_trials:
+            break
+        trial = the_study.ask(distributions)
+        trial.set_user_attr("owner", owner())
+        ahead = [t for t in the_study.get_trials(deepcopy=False) if t.number < trial.number and counted(t)]
+        if len(ahead) >= n_trials:  # another worker asked for the last trial in the same moment
+            the_study.tell(trial, state=TrialState.FAIL)
+            break
+        print(
+            f"charlm sweep: trial {trial.number}: {' '.join(f'{k}={v}' for k, v in trial.params.items())}",
+            file=sys.stderr,
+        )
+        try:
+            value = run_trial(the_study, url, trial, pruner_startup_trials, folder, flags, keep_checkpoints)
+        except optuna.TrialPruned as e:
+            the_study.tell(trial, state=TrialState.PRUNED)
+            print(f"charlm sweep: trial {trial.number} {e}", file=sys.stderr)
+        except Failed as e:
+            trial.set_user_attr("error", str(e))
+            the_study.tell(trial, state=TrialState.FAIL)
+            print(f"charlm sweep: trial {trial.number} failed: {e}", file=sys.stderr)
+        except BaseException:  # Ctrl-C, a kill: the trial is not the study's; the next run goes on without it
+            the_study.tell(trial, state=TrialState.FAIL)
+            raise
+        else:
+            the_study.tell(trial, value)
+    show(the_study, distributions, top)
+    if any(t.state == TrialState.COMPLETE for t in the_study.get_trials(deepcopy=False)):
+        path = best_config(folder, the_study.best_trial)
+        print(f"charlm sweep: the best trial's config: {path} (python -m charlm fit --config {path})")

@@ -1,0 +1,164 @@
+"""`python -m charlm sweep`: Optuna trials of real fits, pruned, failed, shared by two workers, resumed after a kill."""
+
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import yaml
+from conftest import scalars
+from optuna.trial import TrialState
+
+from charlm.__main__ import main
+
+SPACE = {"model.lr": {"low": 1e-5, "high": 0.1, "log": True}, "model.net.init_args.n_head": {"choices": [2, 4]}}
+WITH_3_HEADS = SPACE | {"model.net.init_args.n_head": {"choices": [2, 3]}}
+GOOD, UNBUILDABLE, HOPELESS = (
+    {"model.lr": 0.03, "model.net.init_args.n_head": 2},
+    {"model.lr": 0.01, "model.net.init_args.n_head": 3},  # 32 wide: not divisible by 3 heads
+    {"model.lr": 1e-5, "model.net.init_args.n_head": 2},  # learns nothing in a few steps
+)
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "tiny.txt"
+    path.write_text("hello world, hello charlm.\n" * 40)
+    return path
+
+
+def sweep_command(cwd, text, n_trials: int, max_steps: int = 6, space: dict = SPACE) -> list[str]:
+    """A sweep of tiny GPTs (about a second a trial) validating every 2 steps."""
+    (cwd / "space.yaml").write_text(yaml.safe_dump(space))
+    return [
+        "sweep", "--space", str(cwd / "space.yaml"), "--n_trials", str(n_trials), "--max_steps", str(max_steps),
+        "--pruner_startup_trials", "1", "--seed", "0",
+        "--",
+        "--data.path", str(text),
+        "--model.net.init_args.n_layer", "1",
+        "--model.net.init_args.n_embd", "32",
+        "--model.warmup_steps", "0",
+        "--model.min_lr", "0",
+        "--data.block_size", "16",
+        "--trainer.val_check_interval", "2",
+        "--trainer.enable_progress_bar", "false",
+        "--generation.max_new_tokens", "0",
+    ]  # fmt: skip
+
+
+def load(cwd) -> optuna.Study:
+    return optuna.load_study(study_name="space", storage=f"sqlite:///{cwd}/sweeps/space/study.db")
+
+
+def queue(cwd, *trials: dict) -> None:
+    """Decide the first trials' flags, through Optuna's own queue of the study the sweep will load."""
+    (cwd / "sweeps/space").mkdir(parents=True)
+    study = optuna.create_study(study_name="space", storage=f"sqlite:///{cwd}/sweeps/space/study.db")
+    for params in trials:
+        study.enqueue_trial(params)
+
+
+@pytest.fixture(scope="module")
+def swept(text, tmp_path_factory):
+    """A 4-trial sweep, in-process: a good trial, one whose net cannot be built, a hopeless one, a sampled one."""
+    cwd = tmp_path_factory.mktemp("sweep")
+    queue(cwd, GOOD, UNBUILDABLE, HOPELESS)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        main(sweep_command(cwd, text, n_trials=4, space=WITH_3_HEADS))
+    return cwd
+
+
+def test_a_sweep_runs_its_trials_and_writes_the_best_as_a_config_that_fit_runs(swept, capsys, monkeypatch):
+    trials = load(swept).get_trials()
+    assert len(trials) == 4
+    best = load(swept).best_trial
+    assert best.number in (0, 3) and best.value == min(best.intermediate_values.values())
+    for trial in trials:
+        if trial.state == TrialState.COMPLETE:
+            logged = scalars(swept / f"sweeps/space/trial_{trial.number}/version_0")
+            assert [round(v, 6) for _, v in logged["val/loss"]] == [
+                round(v, 6) for v in trial.intermediate_values.values()
+            ]
+            assert not (swept / f"sweeps/space/trial_{trial.number}/checkpoints").exists()  # removed unless asked
+    monkeypatch.chdir(swept)
+    capsys.readouterr()
+    main(["fit", "--config", "sweeps/space/best.yaml"])  # as is: the best trial again, in a run of its own
+    out = capsys.readouterr().out
+    assert f"val loss {best.value:.4f} (" in out and "checkpoints/best-tiny/version_0" in out
+
+
+def test_a_hopeless_trial_is_pruned_at_its_first_validation(swept):
+    trial = load(swept).trials[2]
+    assert trial.params == HOPELESS and trial.state == TrialState.PRUNED
+    assert list(trial.intermediate_values) == [2]
+    assert len(scalars(swept / "sweeps/space/trial_2/version_0")["val/loss"]) == 1
+
+
+def test_a_trial_that_fails_is_recorded_with_its_reason_and_the_sweep_goes_on(swept):
+    trial = load(swept).trials[1]
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs["error"] == "n_embd=32 is not divisible by n_head=3: pick sizes where it is"
+    assert load(swept).trials[3].state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def test_the_same_command_on_a_finished_study_runs_nothing_and_shows_its_table(swept, text, capsys, monkeypatch):
+    monkeypatch.chdir(swept)
+    main(sweep_command(swept, text, n_trials=4, space=WITH_3_HEADS))
+    out = capsys.readouterr().out
+    assert len(load(swept).trials) == 4
+    assert re.search(r"sweep space: \d complete, \d pruned, 1 fail", out)
+    assert "trial 1 failed: n_embd=32 is not divisible by n_head=3" in out
+
+
+def test_two_workers_share_one_study_and_finish_its_trials_between_them(text, tmp_path):
+    command = [sys.executable, "-m", "charlm", *sweep_command(tmp_path, text, n_trials=4, max_steps=4)]
+    workers = [subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for worker in workers:
+        _, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err
+    trials = load(tmp_path).get_trials()
+    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(done) == 4  # no more: a surplus trial is at most asked for and given back
+    assert len({t.user_attrs["owner"] for t in done}) == 2  # each worker ran some
+
+
+def first_done(cwd) -> bool:
+    if not (cwd / "sweeps/space/study.db").exists():
+        return False
+    try:
+        return load(cwd).trials[0].state == TrialState.COMPLETE
+    except (KeyError, IndexError):  # no study in it yet, or no trial
+        return False
+
+
+def test_a_killed_sweep_continues_where_it_stopped(text, tmp_path, monkeypatch):
+    command = [sys.executable, "-m", "charlm", *sweep_command(tmp_path, text, n_trials=3, max_steps=40)]
+    worker = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not first_done(tmp_path):
+        assert worker.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    worker.send_signal(signal.SIGKILL)  # in trial 1, or just after
+    worker.wait()
+    first = load(tmp_path).trials[0]
+    monkeypatch.chdir(tmp_path)
+    main(sweep_command(tmp_path, text, n_trials=3, max_steps=40))
+    trials = load(tmp_path).get_trials()
+    assert trials[0].value == first.value  # the finished trial is kept
+    counted = [t for t in trials if t.state != TrialState.FAIL or "error" in t.user_attrs]
+    assert len(counted) == 3 and all(t.state != TrialState.RUNNING for t in trials)
+
+
+def test_a_bad_space_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "space.yaml").write_text("model.lr: {low: 0.1, high: 0.01}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--space", "space.yaml"])
+    assert str(exit_info.value.code) == (
+        "charlm: error: --space space.yaml: model.lr: low and high must be numbers with low <= high, not 0.1 and 0.01"
+    )
+    assert not (tmp_path / "sweeps").exists()
