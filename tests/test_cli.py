@@ -301,7 +301,7 @@ def test_help_lists_every_command_and_an_unknown_one_is_an_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train"])
     assert exit_info.value.code == (
-        "charlm: error: 'train' is not a command: use fit, validate, test, generate, attention or data"
+        "charlm: error: 'train' is not a command: use fit, validate, test, generate, attention, data or sweep"
     )
 
 
