@@ -154,14 +154,12 @@ class CharLMCLI(LightningCLI):
         init_from = config["model"]["init_from"]
         if self.ckpt is not None:
             recorded = self.ckpt["hyper_parameters"].get("init_from")
-            if (
-                init_from is not None
-                and init_from != recorded
-                and not (
-                    recorded
-                    and checkpoints.resolve(init_from, Path("checkpoints"), "--model.init_from").samefile(recorded)
-                )
-            ):
+            resumes_it = init_from in (None, recorded) or (
+                recorded is not None
+                and Path(recorded).is_file()
+                and checkpoints.resolve(init_from, Path("checkpoints"), "--model.init_from").samefile(recorded)
+            )
+            if not resumes_it:
                 raise ValueError(
                     f"--model.init_from {init_from} and --ckpt_path {config['ckpt_path']} both given: --ckpt_path "
                     "resumes the run it names, --model.init_from starts a new one from a checkpoint's weights: drop one"

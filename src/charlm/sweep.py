@@ -128,7 +128,7 @@ def run_trial(
     study, storage_url: str, trial, startup_trials: int, folder: Path, flags: list[str], keep_checkpoints: bool
 ) -> float:
     """One fit with the trial's flags; its best exact val loss. Raises TrialPruned, or Failed with the fit's error."""
-    from charlm.__main__ import main  # here: __main__ imports this module for its command table
+    from charlm.__main__ import main  # here, not at the top: charlm.__main__ imports this module
 
     name = f"trial_{trial.number}"
     sampled = [f"--{flag}={value}" for flag, value in trial.params.items()]
