@@ -186,12 +186,13 @@ def show(study, space: dict, top: int) -> None:
     done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
     states = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
     table = Table(title=f"sweep {study.study_name}: {', '.join(f'{n} {s}' for s, n in states.items() if n)}")
-    for column in ("trial", "val loss", *space, "seconds"):
+    short = [flag.rsplit(".", 1)[-1] for flag in space]  # lr, n_embd: a table that fits a terminal
+    for column in ("trial", "val loss", *(short if len(set(short)) == len(short) else space), "seconds"):
         table.add_column(column, justify="right")
     for trial in done[:top]:
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
         params = [
-            f"{trial.params[k]:.4g}" if isinstance(trial.params[k], float) else str(trial.params[k]) for k in space
+            f"{trial.params[k]:.3g}" if isinstance(trial.params[k], float) else str(trial.params[k]) for k in space
         ]
         table.add_row(str(trial.number), f"{trial.value:.4f}", *params, f"{seconds:.1f}")
     Console().print(table)
