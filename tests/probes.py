@@ -2,6 +2,7 @@
 
 import os
 import signal
+import sys
 
 import lightning as L
 import torch
@@ -30,3 +31,11 @@ class InterruptAt(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGINT)
+
+
+class SayValidating(L.Callback):
+    """Print `probe: validating` to stderr when the first validation batch starts: a test waits for it."""
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0:
+            print("probe: validating", file=sys.stderr, flush=True)

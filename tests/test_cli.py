@@ -305,6 +305,21 @@ def test_help_lists_every_command_and_an_unknown_one_is_an_error(capsys):
     )
 
 
+def test_help_and_a_commands_help_answer_without_importing_torch_or_lightning():
+    code = """import sys
+from charlm.__main__ import main
+for argv in (["--help"], ["generate", "--help"], ["attention", "--help"], ["train"]):
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+print([name for name in ("torch", "lightning") if name in sys.modules])
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.splitlines()[-1] == "[]", result.stderr
+    assert "usage: charlm generate" in result.stdout and "usage: charlm attention" in result.stdout
+
+
 def test_plain_fit_trains_the_cpu_recipe(capsys):
     default = resolved_config(capsys)
     recipe = resolved_config(capsys, "--config", str(ROOT / "configs/gpt-cpu.yaml"))

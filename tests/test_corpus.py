@@ -91,7 +91,7 @@ def test_a_killed_preparation_is_never_used_and_the_next_run_prepares_again(tmp_
     command = [sys.executable, "-c", PREPARE.format(path=str(tmp_path / "big.txt"), tokenizer="bytes")]
     run = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not list((tmp_path / "data/prepared").glob("*/.preparing-*")):
+    while not list((tmp_path / "data/prepared").glob("*/.saving-*")):
         assert run.poll() is None and time.monotonic() < deadline, "the preparation ended before it could be killed"
         time.sleep(0.001)
     run.send_signal(signal.SIGKILL)

@@ -114,6 +114,24 @@ def test_the_same_command_on_a_finished_study_runs_nothing_and_shows_its_table(s
     assert "trial 1 failed: n_embd=32 is not divisible by n_head=3" in out
 
 
+def test_a_sweep_prints_a_line_per_trial_and_keeps_each_fits_output_in_the_trials_log(text, tmp_path, capsys):
+    queue(tmp_path, GOOD, UNBUILDABLE, HOPELESS)
+    main(sweep_command(tmp_path, text, n_trials=3, space=WITH_3_HEADS))
+    out, err = capsys.readouterr()
+    lines = [line for line in out.splitlines() if re.match(r"trial \d+ +\S+=", line)]  # not the table's
+    assert len(lines) == 3
+    best = r"   best so far \d\.\d{4} \(trial 0\)"
+    assert re.fullmatch(r"trial 0   lr=0.03 n_head=2  val loss \d\.\d{4}  \d+\.\d s" + best, lines[0])
+    assert re.fullmatch(r"trial 1   lr=0.01 n_head=3  failed: n_embd=32 is not divisible by n_head=3: .*", lines[1])
+    assert re.fullmatch(r"trial 2   lr=1e-05 n_head=2  pruned at step 2  \d+\.\d s" + best, lines[2])
+    assert "bpc" not in out and "charlm: trained" not in out and "LightningCLI" not in out + err  # no fit output
+    logs = [(tmp_path / f"sweeps/space/trial_{n}/fit.log").read_text() for n in range(3)]
+    assert "charlm: trained to step 6" in logs[0] and "charlm: training a GPT" in logs[2]  # each fit's own output
+    # the pruning callback went to the fit as an object: no flag for it in the trial's config
+    config = yaml.safe_load((tmp_path / "sweeps/space/trial_0/version_0/config.yaml").read_text())
+    assert not any("Pruning" in str(c) for c in config["trainer"].get("callbacks") or [])
+
+
 def test_two_workers_share_one_study_and_finish_its_trials_between_them(text, tmp_path):
     command = [sys.executable, "-m", "charlm", *sweep_command(tmp_path, text, n_trials=4, max_steps=4)]
     workers = [subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True) for _ in range(2)]

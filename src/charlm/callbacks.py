@@ -11,10 +11,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from tensorboard.compat.proto.summary_pb2 import Summary
-from torch.utils.tensorboard.summary import hparams
 
 from charlm.attention import MAX_CHARS, attention_picture
 from charlm.models import GPT
+from charlm.runs import RunLogger
 from charlm.sampling import generate
 from charlm.tokenizers import Tokenizer
 
@@ -170,36 +170,6 @@ def settings(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         "init_from": hparams.get("init_from") or "",
         "precision": str(trainer.precision),
     }
-
-
-class RunLogger(TensorBoardLogger):
-    """TensorBoardLogger without the `epoch` curve (charlm counts steps) and `hp_metric`; its HPARAMS are the
-    run's settings (`Report`), not Lightning's nested hyperparameters."""
-
-    def __init__(self, save_dir: str = "logs", name: str | None = None, version: int | None = None, **kwargs):
-        super().__init__(save_dir, name=name, version=version, default_hp_metric=False, **kwargs)
-
-    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
-
-    def log_hyperparams(self, params, metrics=None) -> None:
-        """Lightning's call, with the raw hyperparameters: `log_settings` writes what sets runs apart instead."""
-
-    def log_settings(self, settings: dict) -> None:
-        writer = self.experiment
-        # the HPARAMS table's metric column reads the val/best_loss curve
-        for summary in hparams(settings, {"val/best_loss": 0}):
-            writer.file_writer.add_summary(summary)
-        writer.add_custom_scalars(
-            {
-                "charlm": {
-                    "loss (train and val)": ["Multiline", ["train/loss", "val/loss"]],
-                    "val bits per character": ["Multiline", ["val/bpc"]],
-                    "learning rate": ["Multiline", ["train/lr"]],
-                    "tokens/s": ["Multiline", ["train/tokens_per_sec"]],
-                }
-            }
-        )
 
 
 class TrainingSpeed(L.Callback):

@@ -15,7 +15,6 @@ This module is the only one that reads or writes these files; everything in them
 
 import codecs
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -24,17 +23,18 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 
+from charlm.files import atomic_write, lock_folder
 from charlm.tokenizers import ByteTokenizer, CharTokenizer, Tokenizer, tokenizer_from_state
 
 FORMAT = 1
 CHUNK = 1 << 23  # bytes read at a time (8 MiB): preparation's memory stays bounded whatever the corpus size
 CODE_POINTS = 0x110000
 SAMPLE_BLOCK, SAMPLE_BLOCKS = 1 << 16, 64  # the fingerprint hashes 64 blocks of 64 KiB, or all of a smaller file
-TEMP_PREFIX = ".preparing-"
 
 
 @dataclass
@@ -148,51 +148,43 @@ def max_token(file: Path, dtype: str) -> int:
 def prepare(path: Path, files: list[Path], tokenizer: str, folder: Path, sources: list[dict]) -> dict:
     """Encode the sources into folder/tokens.bin and write folder/meta.json, under folder's lock."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        lock = lock_folder(folder)  # a second run preparing the same text waits, then finds it prepared
     except OSError as e:
         raise OSError(
             f"--data.cache_dir {folder.parent}: cannot write the prepared corpus there ({e.strerror or e}): "
             "pass --data.cache_dir with a folder you can write"
         ) from None
-    try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"charlm: waiting for another run that is preparing {folder}", file=sys.stderr, flush=True)
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    with lock:
         meta = read_meta(folder, tokenizer, sources)  # prepared by the run this one waited for
         return meta if meta is not None else write(path, files, tokenizer, folder, sources)
-    finally:
-        os.close(lock)
 
 
 def write(path: Path, files: list[Path], tokenizer: str, folder: Path, sources: list[dict]) -> dict:
-    for stale in folder.glob(f"{TEMP_PREFIX}*"):  # left by a preparation that was killed
-        stale.unlink()
     print(f"charlm: preparing {path} into {folder}/ (once; later runs reuse it)", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    tmp_tokens = folder / f"{TEMP_PREFIX}{os.getpid()}-tokens.bin"
-    tmp_meta = folder / f"{TEMP_PREFIX}{os.getpid()}-meta.json"
     try:
-        if tokenizer == "bytes":
-            counts, n = encode_bytes(files, tmp_tokens)
-            vocab: dict = ByteTokenizer().state()
-            dtype = "uint8"
-        else:
-            code_point_counts = count_code_points(files)
-            chars = "".join(map(chr, np.flatnonzero(code_point_counts)))
-            if len(chars) > 1 << 16:
+        with atomic_write(folder / "tokens.bin") as out:
+            if tokenizer == "bytes":
+                counts, n = encode_bytes(files, out)
+                vocab: dict = ByteTokenizer().state()
+                dtype = "uint8"
+            else:
+                code_point_counts = count_code_points(files)
+                chars = "".join(map(chr, np.flatnonzero(code_point_counts)))
+                if len(chars) > 1 << 16:
+                    raise ValueError(
+                        f"--data.path {path} has {len(chars):,} distinct characters, more than the 65,536 ids a "
+                        "token file holds: pass --data.tokenizer bytes"
+                    )
+                dtype = "uint8" if len(chars) <= 256 else "uint16"
+                n = encode_chars(files, chars, dtype, out)
+                counts = code_point_counts[np.flatnonzero(code_point_counts)]
+                vocab = CharTokenizer(chars).state()
+            if [fingerprint(f) for f in files] != sources:
                 raise ValueError(
-                    f"--data.path {path} has {len(chars):,} distinct characters, more than the 65,536 ids a "
-                    "token file holds: pass --data.tokenizer bytes"
+                    f"--data.path {path} changed while it was being prepared: run again once it is written"
                 )
-            dtype = "uint8" if len(chars) <= 256 else "uint16"
-            n = encode_chars(files, chars, dtype, tmp_tokens)
-            counts = code_point_counts[np.flatnonzero(code_point_counts)]
-            vocab = CharTokenizer(chars).state()
-        if [fingerprint(f) for f in files] != sources:
-            raise ValueError(f"--data.path {path} changed while it was being prepared: run again once it is written")
+            (folder / "meta.json").unlink(missing_ok=True)  # never an old meta.json beside a new tokens.bin
         continuation = int(counts[0x80:0xC0].sum()) if tokenizer == "bytes" else 0  # UTF-8's non-leading bytes
         meta = {
             "format": FORMAT,
@@ -204,13 +196,8 @@ def write(path: Path, files: list[Path], tokenizer: str, folder: Path, sources: 
             "counts": [int(c) for c in counts],
             "sources": sources,
         }
-        tmp_meta.write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
-        for tmp in (tmp_tokens, tmp_meta):
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        (folder / "meta.json").unlink(missing_ok=True)  # never an old meta.json beside a new tokens.bin
-        os.replace(tmp_tokens, folder / "tokens.bin")
-        os.replace(tmp_meta, folder / "meta.json")
+        with atomic_write(folder / "meta.json", "w") as f:
+            f.write(json.dumps(meta, ensure_ascii=False))
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise OSError(
@@ -218,9 +205,6 @@ def write(path: Path, files: list[Path], tokenizer: str, folder: Path, sources: 
                 "some space, or pass --data.cache_dir on another disk"
             ) from None
         raise OSError(f"preparing {path} in {folder}/ failed ({e.strerror or e}): nothing was kept") from None
-    finally:
-        tmp_tokens.unlink(missing_ok=True)
-        tmp_meta.unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     print(f"charlm: prepared {n:,} tokens, a vocabulary of {len(counts)}, in {seconds:.1f} s", file=sys.stderr)
     return meta
@@ -281,34 +265,32 @@ def count_code_points(files: list[Path]) -> np.ndarray:
 
 
 def byte_counts(chunk) -> np.ndarray:
-    # torch counts uint8 as it is: numpy's bincount converts it to int64 first, 5x slower (50 against 10 ms for 8 MiB)
+    # torch counts uint8 as it is: numpy's bincount converts it to int64 first, several times slower
     return torch.bincount(torch.frombuffer(chunk, dtype=torch.uint8), minlength=256).numpy() if chunk else 0
 
 
-def encode_chars(files: list[Path], chars: str, dtype: str, out: Path) -> int:
-    """Write the ids of the sources' characters to out; returns how many."""
+def encode_chars(files: list[Path], chars: str, dtype: str, f: BinaryIO) -> int:
+    """Write the ids of the sources' characters to f; returns how many."""
     table = np.zeros(CODE_POINTS, dtype)
     table[[ord(c) for c in chars]] = np.arange(len(chars))
     ascii_table = table[:256].astype(np.uint8).tobytes()  # for bytes.translate, 1.6x faster than numpy's lookup
     n = 0
-    with open(out, "wb") as f:
-        for points in code_points(files):
-            if isinstance(points, np.ndarray):
-                f.write(table[points])
-            elif dtype == "uint8":
-                f.write(points.translate(ascii_table))
-            else:
-                f.write(table[np.frombuffer(points, np.uint8)])
-            n += len(points)
+    for points in code_points(files):
+        if isinstance(points, np.ndarray):
+            f.write(table[points])
+        elif dtype == "uint8":
+            f.write(points.translate(ascii_table))
+        else:
+            f.write(table[np.frombuffer(points, np.uint8)])
+        n += len(points)
     return n
 
 
-def encode_bytes(files: list[Path], out: Path) -> tuple[np.ndarray, int]:
-    """Copy the sources' bytes to out; returns how often each byte value occurs, and how many bytes there are."""
+def encode_bytes(files: list[Path], f: BinaryIO) -> tuple[np.ndarray, int]:
+    """Copy the sources' bytes to f; returns how often each byte value occurs, and how many bytes there are."""
     counts, n = np.zeros(256, np.int64), 0
-    with open(out, "wb") as f:
-        for _, _, chunk in chunks(files):
-            f.write(chunk)
-            counts += byte_counts(chunk)
-            n += len(chunk)
+    for _, _, chunk in chunks(files):
+        f.write(chunk)
+        counts += byte_counts(chunk)
+        n += len(chunk)
     return counts, n

@@ -11,7 +11,6 @@ they all read the same memory-mapped file.
 
 import hashlib
 import math
-import os
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,11 +19,16 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
 from torch.utils.data import DataLoader, Dataset
 
 from charlm import corpus
+from charlm.files import atomic_write
 from charlm.models import IGNORE_INDEX
-from charlm.tokenizers import TOKENIZERS, tokenizer_from_state
+from charlm.tokenizers import TOKENIZERS, tokenizer_from_state, visible
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -47,9 +51,8 @@ def download(url: str, dest: Path, sha256: str) -> Path:
     if digest != sha256:
         raise OSError(f"{url} has sha256 {digest}, expected {sha256}: nothing was kept, try again later")
     dest.parent.mkdir(parents=True, exist_ok=True)  # only now: a failed download leaves no empty folder behind
-    tmp = dest.with_name(dest.name + ".part")
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)
+    with atomic_write(dest) as f:
+        f.write(data)
     return dest
 
 
@@ -252,3 +255,39 @@ def read_text(file: Path, flag: str) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{flag} {file} is not UTF-8 (byte offset {e.start}): convert it to UTF-8") from None
+
+
+def summary(data: CharDataModule) -> None:
+    """A first look at a corpus: its size, alphabet, most frequent characters, opening and split.
+
+    It prepares the corpus (once), so a big one can be prepared ahead of training.
+
+    Args:
+        data: the corpus and its split, as fit takes them (--data.path, --data.tokenizer, ...).
+    """
+    dm = data
+    meta, tokenizer = dm.corpus.meta, dm.tokenizer
+    if tokenizer.name == "chars":
+        symbols = [visible(c) for c in tokenizer.chars]
+        opening = tokenizer.decode(dm.train_data[:500].tolist())
+    else:
+        symbols = [visible(chr(b)) if b < 128 else f"\\x{b:02x}" for b in range(256)]
+        opening = tokenizer.decode(dm.train_data[:2000].tolist())[:500]
+    present = [s for s, count in zip(symbols, meta["counts"]) if count]
+    alphabet = "".join(present[:300]) + (f" … and {len(present) - 300:,} more" if len(present) > 300 else "")
+    source = Path(meta["sources"][0]["path"]) if len(meta["sources"]) == 1 else f"{len(meta['sources'])} .txt files"
+    facts = Table(box=None, show_header=False, title="corpus", title_justify="left")
+    facts.add_row("source", str(source))
+    facts.add_row("text", f"{meta['characters']:,} characters, {meta['bytes']:,} bytes")
+    facts.add_row("tokenizer", f"{tokenizer.name}: a vocabulary of {tokenizer.vocab_size}, stored as {meta['dtype']}")
+    facts.add_row("alphabet", Text(alphabet))
+    facts.add_row("split", f"{len(dm.train_data):,} training and {len(dm.val_data):,} validation tokens")
+    facts.add_row("validation", f"each predicts the first {len(dm.val_window) - 1:,} validation tokens")
+    size = (dm.corpus.folder / "tokens.bin").stat().st_size / 1e6
+    facts.add_row("prepared", f"{dm.corpus.folder}/ (tokens.bin {size:,.1f} MB, meta.json)")
+    frequent = Table("", "count", "share", title="most frequent", title_justify="left", box=None)
+    total = sum(meta["counts"])
+    for count, symbol in sorted(zip(meta["counts"], symbols), reverse=True)[:10]:
+        frequent.add_row(symbol, f"{count:,}", f"{count / total:.2%}")
+    console = Console()
+    console.print(facts, frequent, Panel(Text(opening), title="the first 500 characters", title_align="left"))

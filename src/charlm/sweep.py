@@ -13,11 +13,13 @@ storage (by default SQLite, `sweeps/<study>/study.db`): the same command again c
 (or machines, with a shared database) given the same storage work on it together until it holds `n_trials` trials.
 """
 
-import fcntl
 import os
+import re
 import shutil
 import socket
 import sys
+import time
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Literal
 
@@ -27,6 +29,9 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from rich.console import Console
 from rich.table import Table
 
+from charlm.cli import fit
+from charlm.files import atomic_write, lock_folder
+
 try:
     import optuna
     from optuna.trial import TrialState
@@ -34,30 +39,25 @@ except ImportError:  # an optional extra: the other commands do not need it
     optuna = None
 
 SWEEPS = Path("sweeps")
-PRUNING = "charlm.sweep.Pruning"
 
 
 class Pruning(L.Callback):
-    """Report each exact validation of a fit to its Optuna trial, and stop the fit when the pruner says so.
+    """Report each exact validation of a fit to its Optuna trial, and stop the fit when the study's pruner says so.
 
-    Args:
-        storage: the study's storage URL.
-        study: the study's name.
-        trial: the trial's number in that study.
-        startup_trials: the pruner's (a storage keeps no pruner: each process that prunes makes its own).
+    `values` keeps what was reported: the trial's val losses by step.
     """
 
-    def __init__(self, storage: str, study: str, trial: int, startup_trials: int):
-        rdb = optuna.storages.RDBStorage(storage)
-        the_study = optuna.load_study(study_name=study, storage=rdb, pruner=median_pruner(startup_trials))
-        self.trial = optuna.Trial(the_study, trial_id(rdb, study, trial))
+    def __init__(self, trial):
+        self.trial = trial
+        self.values: dict[int, float] = {}
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        self.trial.report(float(trainer.callback_metrics["val/loss"]), trainer.global_step)
+        self.values[trainer.global_step] = float(trainer.callback_metrics["val/loss"])
+        self.trial.report(self.values[trainer.global_step], trainer.global_step)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned after step {trainer.global_step}")
+            raise optuna.TrialPruned(f"pruned at step {trainer.global_step}")
 
 
 def median_pruner(startup_trials: int):
@@ -108,12 +108,18 @@ def trial_id(storage, study: str, number: int) -> int:
     return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study), number)
 
 
-def reap(study, storage) -> None:
-    """Fail the running trials of processes on this machine that are gone (killed): the study goes on without them."""
+def reap(study, storage, local: bool) -> None:
+    """Fail the running trials of processes on this machine that are gone (killed): the study goes on without them.
+
+    Called under the study folder's lock, which a worker also holds from asking for a trial until it names itself
+    its owner: so in a study on this machine alone (`local`), a trial without an owner is one whose worker was
+    killed in between.
+    """
     host = socket.gethostname()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         machine, _, pid = str(trial.user_attrs.get("owner", "")).rpartition(":")
-        if machine == host and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+        gone = machine == host and pid.isdigit() and not Path(f"/proc/{pid}").exists()
+        if gone or (local and "owner" not in trial.user_attrs):
             storage.set_trial_state_values(trial_id(storage, study.study_name, trial.number), TrialState.FAIL)
 
 
@@ -124,44 +130,34 @@ def counted(trial) -> bool:
     )
 
 
-def run_trial(
-    study, storage_url: str, trial, startup_trials: int, folder: Path, flags: list[str], keep_checkpoints: bool
-) -> float:
-    """One fit with the trial's flags; its best exact val loss. Raises TrialPruned, or Failed with the fit's error."""
-    from charlm.__main__ import main  # here, not at the top: charlm.__main__ imports this module
-
+def run_trial(trial, folder: Path, flags: list[str], keep_checkpoints: bool) -> float:
+    """One fit with the trial's flags, its output in its folder's fit.log; its best exact val loss. Raises
+    TrialPruned, or Failed with the fit's error."""
     name = f"trial_{trial.number}"
+    (folder / name).mkdir(parents=True, exist_ok=True)
     sampled = [f"--{flag}={value}" for flag, value in trial.params.items()]
-    callback = {"class_path": PRUNING, "init_args": {"storage": storage_url, "study": study.study_name}}
-    callback["init_args"] |= {"trial": trial.number, "startup_trials": int(startup_trials)}  # a plain int for YAML
+    pruning = Pruning(trial)
+    where = [
+        f"--trainer.logger.init_args.save_dir={folder}",
+        f"--trainer.logger.init_args.name={name}",
+        "--trainer.logger.init_args.version=0",
+        f"--checkpoint.dirpath={folder / name / 'checkpoints'}",
+    ]
     try:
-        main(
-            [
-                "fit",
-                *flags,
-                *sampled,
-                f"--trainer.logger.init_args.save_dir={folder}",
-                f"--trainer.logger.init_args.name={name}",
-                "--trainer.logger.init_args.version=0",
-                f"--checkpoint.dirpath={folder / name / 'checkpoints'}",
-                f"--trainer.callbacks+={yaml.safe_dump(callback, default_flow_style=True).strip()}",
-            ]
-        )
-    except SystemExit as e:
-        if not isinstance(e.code, str):  # a signal (exit 128 + n) or a flag error (exit 2, said on stderr)
-            raise
-        raise Failed(e.code.removeprefix("charlm: error: ")) from None
+        with open(folder / name / "fit.log", "w") as log, redirect_stdout(log), redirect_stderr(log):
+            fit([*flags, *sampled, *where], callbacks=[pruning])
     except optuna.TrialPruned:
         raise
+    except (ValueError, OSError) as e:  # a one-line error of charlm's, a bad flag among them
+        raise Failed(str(e).removeprefix("charlm fit: error: ")) from None
     except Exception as e:  # out of memory, or anything else a fit raises: that trial's, not the sweep's
         raise Failed(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}") from None
     finally:
         if not keep_checkpoints:
             shutil.rmtree(folder / name / "checkpoints", ignore_errors=True)
-    values = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number).intermediate_values
-    if not values:
+    if not pruning.values:
         raise Failed("the fit ran no validation: give --max_steps more than --trainer.val_check_interval")
-    return min(values.values())
+    return min(pruning.values.values())
 
 
 class Failed(Exception):
@@ -172,12 +168,12 @@ def best_config(folder: Path, trial) -> Path:
     """Write the best trial's config as one that `fit --config` runs as is: its own logs and checkpoints."""
     config = yaml.safe_load((folder / f"trial_{trial.number}/version_0/config.yaml").read_text())
     config["trainer"]["logger"]["init_args"] |= {"save_dir": "logs", "name": None, "version": None}
-    config["trainer"]["callbacks"] = [c for c in config["trainer"].get("callbacks") or [] if c["class_path"] != PRUNING]
     config["checkpoint"]["dirpath"] = None
     config["ckpt_path"] = None
     path = folder / "best.yaml"
     header = f"# the best trial of sweep {folder.name}: trial {trial.number}, best exact val loss {trial.value:.4f}\n"
-    path.write_text(header + yaml.safe_dump(config, sort_keys=False))
+    with atomic_write(path, "w") as f:
+        f.write(header + yaml.safe_dump(config, sort_keys=False))
     return path
 
 
@@ -238,13 +234,15 @@ def sweep(
         raise ValueError('charlm sweep needs Optuna: pip install -e ".[sweep]"')
     distributions = read_space(Path(space))
     name = study or Path(space).stem
+    if not re.fullmatch(r"[\w.-]+", name) or name in (".", ".."):
+        raise ValueError(
+            f"--study {name}: a study is a folder in {SWEEPS}/: give a name without / (letters, digits, ._-)"
+        )
     folder = SWEEPS / name
-    folder.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{folder / 'study.db'}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
-    with open(folder / ".lock", "w") as lock:  # two workers starting at once would both create the tables
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with lock_folder(folder):  # two workers starting at once would both create the tables
         rdb = optuna.storages.RDBStorage(url)
         the_study = optuna.create_study(
             storage=rdb,
@@ -257,34 +255,62 @@ def sweep(
     flags = [*(["--config", config] if config else []), *(fit or [])]
     flags += [f"--trainer.max_steps={max_steps}"] if max_steps else []
     while not show_only:
-        reap(the_study, rdb)
-        if sum(counted(t) for t in the_study.get_trials(deepcopy=False)) >= n_trials:
-            break
-        trial = the_study.ask(distributions)
-        trial.set_user_attr("owner", owner())
+        with lock_folder(folder):
+            reap(the_study, rdb, local=storage is None)
+            if sum(counted(t) for t in the_study.get_trials(deepcopy=False)) >= n_trials:
+                break
+            trial = the_study.ask(distributions)
+            trial.set_user_attr("owner", owner())
         ahead = [t for t in the_study.get_trials(deepcopy=False) if t.number < trial.number and counted(t)]
         if len(ahead) >= n_trials:  # another worker asked for the last trial in the same moment
             the_study.tell(trial, state=TrialState.FAIL)
             break
         print(
-            f"charlm sweep: trial {trial.number}: {' '.join(f'{k}={v}' for k, v in trial.params.items())}",
+            f"charlm sweep: trial {trial.number} ({len(ahead) + 1} of {n_trials}) running, its output in "
+            f"{folder / f'trial_{trial.number}' / 'fit.log'}",
             file=sys.stderr,
+            flush=True,
         )
+        start = time.monotonic()
         try:
-            value = run_trial(the_study, url, trial, pruner_startup_trials, folder, flags, keep_checkpoints)
+            value = run_trial(trial, folder, flags, keep_checkpoints)
         except optuna.TrialPruned as e:
             the_study.tell(trial, state=TrialState.PRUNED)
-            print(f"charlm sweep: trial {trial.number} {e}", file=sys.stderr)
+            outcome = str(e)
         except Failed as e:
             trial.set_user_attr("error", str(e))
             the_study.tell(trial, state=TrialState.FAIL)
-            print(f"charlm sweep: trial {trial.number} failed: {e}", file=sys.stderr)
+            outcome = f"failed: {e}"
         except BaseException:  # Ctrl-C, a kill: the trial is not the study's; the next run goes on without it
             the_study.tell(trial, state=TrialState.FAIL)
             raise
         else:
             the_study.tell(trial, value)
+            outcome = f"val loss {value:.4f}"
+        print(
+            f"trial {trial.number:<3} {values(trial.params)}  {outcome}  {time.monotonic() - start:.1f} s"
+            + best_so_far(the_study),
+            flush=True,
+        )
     show(the_study, distributions, top)
-    if any(t.state == TrialState.COMPLETE for t in the_study.get_trials(deepcopy=False)):
-        path = best_config(folder, the_study.best_trial)
-        print(f"charlm sweep: the best trial's config: {path} (python -m charlm fit --config {path})")
+    if not any(t.state == TrialState.COMPLETE for t in the_study.get_trials(deepcopy=False)):
+        raise ValueError(
+            f"no trial of sweep {name} completed: see why above and in {folder}/trial_N/fit.log, then change the space "
+            "or the flags"
+        )
+    path = best_config(folder, the_study.best_trial)
+    print(f"charlm sweep: the best trial's config: {path} (python -m charlm fit --config {path})")
+
+
+def values(params: dict) -> str:
+    """A trial's sampled flags by their last names, floats to 3 digits: `lr=0.0123 n_head=2`."""
+    shown = {k.rsplit(".", 1)[-1]: f"{v:.3g}" if isinstance(v, float) else v for k, v in params.items()}
+    return " ".join(f"{k}={v}" for k, v in shown.items())
+
+
+def best_so_far(study) -> str:
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not done:
+        return ""
+    best = min(done, key=lambda t: t.value)
+    return f"   best so far {best.value:.4f} (trial {best.number})"

@@ -128,3 +128,10 @@ def tokenizer_from_state(state) -> Tokenizer:
     if any(a >= b for a, b in zip(chars, chars[1:])):
         raise ValueError("its vocabulary is not a sorted set of distinct characters")
     return CharTokenizer(chars)
+
+
+def visible(char: str) -> str:
+    """A character as it can be seen in a terminal: a space as ␣, a newline as \\n, other invisible ones escaped."""
+    if char in ("\n", "\t", "\r", " "):
+        return {"\n": "\\n", "\t": "\\t", "\r": "\\r", " ": "␣"}[char]
+    return char if char.isprintable() else char.encode("unicode_escape").decode("ascii")

@@ -1,0 +1,301 @@
+"""fit, validate and test: Lightning's LightningCLI over CharLM and CharDataModule, and `fit(flags)` for Python.
+
+The flags are the `__init__` signatures: `--model.*` (CharLM, with the net under `--model.net`), `--data.*`
+(CharDataModule), `--trainer.*`, `--checkpoint.*` (ResumableCheckpoint, a ModelCheckpoint), `--generation.*`
+(GenerationCallback) and `--attention.*` (AttentionCallback). What `fit` trains without a config is
+`configs/gpt-cpu.yaml` (jsonargparse's default config file): the recipe is written once.
+"""
+
+import logging
+import re
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from rich.console import Console
+from rich.text import Text
+
+from charlm import checkpoints, runs
+from charlm.callbacks import AttentionCallback, GenerationCallback, Report, StepBar, StepLines, TrainingSpeed
+from charlm.data import CharDataModule
+from charlm.flags import Help, OneLineErrors
+from charlm.saving import ResumableCheckpoint
+from charlm.tokenizers import visible
+from charlm.training import CharLM, check_schedule
+
+RECIPE = Path(__file__).parent / "gpt-cpu.yaml"  # configs/gpt-cpu.yaml links here: one file, two names
+
+
+class ArgumentParser(OneLineErrors, LightningArgumentParser):
+    """LightningCLI's parser, with charlm's one-line errors."""
+
+
+class SaveConfigAtTrainStart(SaveConfigCallback):
+    """Write a fit's config.yaml once training starts: after ResumableCheckpoint has locked and checked its folder,
+    so a refused run overwrites no other run's config.yaml."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            super().setup(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().setup(trainer, pl_module, "fit")
+
+
+class CharLMCLI(LightningCLI):
+    """LightningCLI with charlm's callbacks and checks; `callbacks` are added to the Trainer's as they are."""
+
+    def __init__(self, args: list[str], callbacks: Sequence[L.Callback] = ()):
+        self.extra_callbacks = list(callbacks)
+        super().__init__(
+            CharLM,
+            CharDataModule,
+            trainer_defaults=trainer_defaults(),
+            seed_everything_default=1337,
+            auto_configure_optimizers=False,
+            save_config_callback=SaveConfigAtTrainStart,
+            save_config_kwargs={"overwrite": True},  # a resumed run rewrites config.yaml in the folder it goes on in
+            # a prefix is a typo, not another flag
+            parser_kwargs={
+                "prog": "charlm",
+                "allow_abbrev": False,
+                "formatter_class": Help,
+                "fit": {"default_config_files": [str(RECIPE)]},
+            },
+            parser_class=ArgumentParser,
+            args=args,
+        )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # --verbose is charlm's in every command: in validate and test it brings back Lightning's results table
+        skips = LightningCLI.subcommands()
+        return {"fit": skips["fit"], "validate": {*skips["validate"], "verbose"}, "test": {*skips["test"], "verbose"}}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(GenerationCallback, "generation")
+        parser.add_lightning_class_args(AttentionCallback, "attention")
+        parser.add_argument(
+            "--verbose", type=bool, default=False, help="Lightning's own lines too: seed, devices, model summary"
+        )
+        parser.set_defaults(
+            {
+                "model.net": {"class_path": "charlm.models.GPT"},
+                "checkpoint.filename": "step{step}-val{val/loss:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.monitor": "val/loss",
+            }
+        )
+        # the data decides the vocabulary and the context length; the net is built to match
+        parser.link_arguments("data.vocab_size", "model.net.init_args.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.block_size", "model.net.init_args.block_size")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: list[str]) -> None:
+        # not LightningCLI's, which warns whenever sys.argv holds flags too (as it does in a sweep or under pytest)
+        self.config = parser.parse_args(args)
+        config = self.config[self.config["subcommand"]]
+        self.verbose = config["verbose"]
+        self.given = given_settings(parser, args) if config["ckpt_path"] or config["model"]["init_from"] else {}
+        for name in ("lightning.pytorch", "lightning.fabric"):  # "Seed set to", "GPU available: False", ...
+            logging.getLogger(name).setLevel(logging.INFO if self.verbose else logging.WARNING)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        trainer = config["trainer"]
+        if trainer.get("enable_model_summary") is None:
+            trainer["enable_model_summary"] = self.verbose
+        if trainer.get("precision") is None:  # resolved here, so the run's saved config.yaml names it
+            trainer["precision"] = default_precision(trainer.get("accelerator"))
+        if self.subcommand == "fit":  # before any file is written: a failed run still writes its log
+            check_schedule(trainer)
+        self.ckpt = path = None
+        if config.get("ckpt_path") is not None:
+            folder = config["checkpoint"]["dirpath"] or Path("checkpoints", runs.run_name(config))
+            path = checkpoints.resolve(config["ckpt_path"], Path(folder))
+            config["ckpt_path"] = str(path)  # Lightning loads the very file checked here
+            self.ckpt = checkpoints.read(path)
+        elif self.subcommand != "fit":
+            raise ValueError(
+                f"{self.subcommand} scores a trained checkpoint: pass --ckpt_path last, best or a .ckpt file"
+            )
+        self.init_ckpt = self.starting_point(config) if self.subcommand == "fit" else None
+        if self.ckpt is not None:
+            checkpoints.adopt_architecture(config, self.given, self.ckpt, path, "--ckpt_path")
+        elif self.init_ckpt is not None:
+            init_from = Path(config["model"]["init_from"])
+            checkpoints.adopt_architecture(config, self.given, self.init_ckpt, init_from, "--model.init_from")
+        runs.place_run(config, self.ckpt, path)
+        if self.subcommand != "fit":  # a score, printed: not a TensorBoard run beside the trainings
+            trainer["logger"] = False
+
+    def starting_point(self, config) -> dict | None:
+        """The checkpoint that --model.init_from names for a new run, read and checked, its file recorded in the
+        config. A resumed run records what its checkpoint does: where the weights it was started from came from."""
+        init_from = config["model"]["init_from"]
+        if self.ckpt is not None:
+            recorded = self.ckpt["hyper_parameters"].get("init_from")
+            resumes_it = init_from in (None, recorded) or (
+                recorded is not None
+                and Path(recorded).is_file()
+                and checkpoints.resolve(init_from, Path("checkpoints"), "--model.init_from").samefile(recorded)
+            )
+            if not resumes_it:
+                raise ValueError(
+                    f"--model.init_from {init_from} and --ckpt_path {config['ckpt_path']} both given: --ckpt_path "
+                    "resumes the run it names, --model.init_from starts a new one from a checkpoint's weights: drop one"
+                )
+            config["model"]["init_from"] = recorded
+            return None
+        if init_from is None:
+            return None
+        path = checkpoints.resolve(init_from, Path("checkpoints"), "--model.init_from")
+        config["model"]["init_from"] = str(path)
+        ckpt = checkpoints.read(path)
+        checkpoints.check_finite(ckpt, path)
+        return ckpt
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning would merge all of a checkpoint's stored hyperparameters over the config, silently; here only
+        its net is taken, and a config or flag that contradicts it is refused (`checkpoints.adopt_architecture`), and
+        the training settings are the config's. Private, until a release has Lightning-AI/pytorch-lightning#21408
+        (an `adapt_checkpoint_hparams` hook for #20801)."""
+
+    def after_fit(self) -> None:
+        """Where the run's checkpoints and curves are, and how to sample from it."""
+        trainer, saver = self.trainer, self.trainer.checkpoint_callback
+        if not trainer.is_global_zero:
+            return
+        rows = {"last": saver.last_model_path, "best": saver.best_model_path}
+        if saver.best_model_score is not None:
+            rows["best"] += f" (val loss {saver.best_model_score:.4f})"
+        if trainer.logger is not None:
+            log_dir = Path(trainer.logger.log_dir)
+            rows["curves"] = f"{log_dir} (tensorboard --logdir {log_dir.parent.parent})"
+        rows["sample"] = f"python -m charlm generate --ckpt_path {saver.dirpath}"
+        loss = trainer.callback_metrics.get("val/loss")
+        console = Console(soft_wrap=True, highlight=False)
+        console.print(
+            f"[bold]charlm: trained to step {trainer.global_step}[/]" + (f", val loss {loss:.4f}" if loss else "")
+        )
+        for name, value in rows.items():
+            if value:
+                console.print(f"  [bold]{name:<7}[/]", Text(value))
+
+    def validate(self, **kwargs) -> None:
+        self.score("val", self.trainer.validate(**kwargs, verbose=self.verbose))
+
+    def test(self, **kwargs) -> None:
+        self.score("test", self.trainer.test(**kwargs, verbose=self.verbose))
+
+    def score(self, split: str, results: list[dict]) -> None:
+        """The exact loss of the checkpoint, one line on stdout."""
+        (metrics,) = results
+        tokens, step = int(metrics[f"{split}/tokens"]), self.ckpt.get("global_step", 0)
+        print(
+            f"{split} loss {metrics[f'{split}/loss']:.4f} ({metrics[f'{split}/bpc']:.3f} bpc) over {tokens:,} tokens: "
+            f"{self.config_init[self.subcommand]['ckpt_path']}, step {step}"
+        )
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        for callback in self.trainer.callbacks:  # now: the Trainer makes the log folder before any callback's setup
+            if isinstance(callback, GenerationCallback | AttentionCallback):
+                callback.check_prompt(self.datamodule.tokenizer)
+        if self.ckpt is not None:
+            ckpt_path = self.config_init[self.subcommand]["ckpt_path"]
+            checkpoints.check_fits(self.ckpt, ckpt_path, self.subcommand, self.trainer, self.model, self.datamodule)
+        if self.init_ckpt is not None:
+            path = self.model.hparams.init_from
+            new = checkpoints.start_from(self.init_ckpt, path, self.model.net, self.datamodule.tokenizer)
+            about = "it knows every character of this text"
+            if new:
+                shown = ": " + " ".join(visible(c) for c in new) if len(new) <= 20 else ""
+                about = f"{len(new)} of this text's {self.datamodule.vocab_size} characters are new to it"
+                about += f" and start untrained{shown}"
+            print(f"charlm: starting from {path} (step {self.init_ckpt['global_step']}): {about}", file=sys.stderr)
+
+    def instantiate_trainer(self, **kwargs):
+        config = self.config_init[self.subcommand]["trainer"]
+        callbacks = [*(config.get("callbacks") or []), *self.extra_callbacks]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(StepBar() if sys.stderr.isatty() else StepLines())
+        return super().instantiate_trainer(**kwargs, callbacks=callbacks)
+
+
+def given_settings(parser: LightningArgumentParser, args: list[str]) -> dict:
+    """What the command's config files and flags set, without the defaults: what a checkpoint's net must agree with."""
+    # the parse-time link from data.block_size needs a value: one nobody passes stands in, unless a config sets one.
+    # Validated already, in full: a partial config would fail on the required values it leaves out
+    argv = [args[0], "--data.block_size=-1", *args[1:]]
+    given = parser.parse_args(argv, defaults=False, _skip_validation=True)[argv[0]].as_dict()
+    if given["data"]["block_size"] == -1:
+        del given["data"]["block_size"]
+    return given
+
+
+def trainer_defaults() -> dict:
+    """What every run has, whatever its config: charlm's callbacks, atomic checkpoint files, the TensorBoard logger."""
+    return {
+        "callbacks": [TrainingSpeed(), Report()],
+        "plugins": [{"class_path": "charlm.saving.AtomicCheckpointIO"}],
+        "logger": {
+            "class_path": "charlm.runs.RunLogger",
+            "init_args": {"save_dir": "logs"},  # the name and version: runs.place_run
+        },
+    }
+
+
+def default_precision(accelerator) -> str:
+    """Mixed precision on a CUDA GPU (bf16 where the GPU has it); float32 on a CPU, also with --trainer.accelerator
+    cpu on a machine with a GPU: a CPU without native bf16 emulates it, many times slower."""
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def not_an_advert(record: logging.LogRecord) -> bool:
+    """A logging filter (a named function, so that each run adds it once) against "💡 Tip: ..." lines."""
+    return not record.getMessage().startswith("💡")
+
+
+def quiet_lightning() -> None:
+    """Leave out what Lightning says that does not apply to charlm or that nobody running it can act on."""
+    # training batch n comes from (seed, n) alone, and a fresh run into a folder that holds checkpoints is refused
+    warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
+    warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
+    # a small text's epoch is shorter than the logging interval: charlm logs every N steps across epochs anyway
+    warnings.filterwarnings("ignore", "The number of training batches .* is smaller than the logging interval")
+    # Lightning 2.6.6 still builds torch's deprecated LeafSpec (Lightning-AI/pytorch-lightning#21326)
+    warnings.filterwarnings("ignore", re.escape("`isinstance(treespec, LeafSpec)` is deprecated"), FutureWarning)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(not_an_advert)
+    # its "Received SIGTERM: 15": charlm says what a signal did
+    logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLevel(logging.WARNING)
+    if torch.cuda.is_available():  # TF32 tensor cores for float32 matmuls, as nanoGPT; Lightning warns without it
+        torch.set_float32_matmul_precision("high")
+
+
+def run(args: list[str], callbacks: Sequence[L.Callback] = ()) -> CharLMCLI:
+    """Run `charlm fit|validate|test` with these arguments in this process."""
+    quiet_lightning()
+    return CharLMCLI(args, callbacks)
+
+
+def fit(flags: Sequence[str] = (), callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
+    """Train as `python -m charlm fit FLAGS` does, in this process, and return the Trainer when the run ends.
+
+    Args:
+        flags: fit's flags as on the command line: `["--config", "configs/bigram.yaml", "--trainer.max_steps", "50"]`.
+        callbacks: Lightning callbacks added to the run's own (objects, not flags).
+
+    The Trainer holds the results: `trainer.callback_metrics["val/loss"]`, `trainer.checkpoint_callback`'s
+    `best_model_path` and `last_model_path`, `trainer.logger.log_dir`. A refused flag raises `FlagError`, a refused
+    value `ValueError` or `OSError` (one line each, as the command prints them), a SIGINT or SIGTERM during training
+    `Stopped` once `last.ckpt` is saved.
+    """
+    return run(["fit", *flags], callbacks).trainer

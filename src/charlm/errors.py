@@ -1,0 +1,19 @@
+"""What ends a charlm command other than success: `charlm.__main__` turns each into one line and an exit code."""
+
+
+class Stopped(BaseException):
+    """A SIGINT or SIGTERM that ended the command: exit code 128 + the signal number. `detail` says what was kept
+    ("after step 40; saved ..."); outside a training step the command stops at once (`stop_now`)."""
+
+    def __init__(self, signum: int, detail: str = ""):
+        super().__init__(signum, detail)
+        self.signum = signum
+        self.detail = detail
+
+
+def stop_now(signum: int, frame) -> None:
+    raise Stopped(signum)
+
+
+class FlagError(ValueError):
+    """A flag or config value the command's parser refuses: exit code 2, as for any command-line tool."""

@@ -1,0 +1,75 @@
+"""How charlm writes a file and holds a folder: one `atomic_write` and one `lock_folder`, used by every writer
+(checkpoints, the prepared corpus, the download, the attention picture, the sweep)."""
+
+import fcntl
+import os
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+TEMP_PREFIX = ".saving-"  # never a .ckpt, .bin or .png name: a write cut short is never taken for a finished file
+TEMP_NAME = re.compile(rf"{re.escape(TEMP_PREFIX)}\d+-")  # only charlm's own are ever removed
+
+
+@contextmanager
+def atomic_write(path: Path, mode: str = "wb") -> Iterator:
+    """Yield a new temporary file in `path`'s folder; once the block ends without an exception, flush and fsync it
+    and rename it onto `path`. However the block ends, `path` is either the old file or the whole new one.
+
+    Nothing follows a symbolic link: a link at the temporary name is refused, and a link at `path` is replaced by
+    the file, its target left as it was. The temporary name holds the process id: no two processes share one.
+    """
+    path = Path(path)
+    tmp = path.parent / f"{TEMP_PREFIX}{os.getpid()}-{path.name}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def lock_folder(folder: Path, busy: str | None = None):
+    """Hold an exclusive lock on `folder` for as long as the returned file stays open.
+
+    If another process holds it: with `busy` (what to do instead), fail at once with an error that says so;
+    without, wait for it. The operating system drops the lock when its process ends, however it ends, so a killed
+    process never blocks the next one. Once the lock is held, temporary files of writes cut short are removed.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    try:  # never through a symlink: the lock file is truncated below, and a link would empty its target
+        lock = os.fdopen(os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
+    except OSError as e:
+        raise OSError(
+            f"{folder}/.lock cannot be opened ({e.strerror}; a symbolic link is never followed): remove it, charlm "
+            "keeps its lock there"
+        ) from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        owner = lock.read().strip() or "unknown"
+        if busy is not None:
+            lock.close()
+            raise OSError(f"{folder}/ is in use by another run (pid {owner}): {busy}") from None
+        print(f"charlm: waiting for another run (pid {owner}) that is using {folder}/", file=sys.stderr, flush=True)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock.seek(0)
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    for stale in folder.iterdir():
+        if TEMP_NAME.match(stale.name):
+            stale.unlink()
+    return lock

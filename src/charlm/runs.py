@@ -1,0 +1,83 @@
+"""Where a run goes: `logs/<name>/version_N/` for its curves (`RunLogger`) beside `checkpoints/<name>/version_N/`
+for its checkpoints, with the same N (`place_run`); `<name>` from the config's file and the text (`run_name`)."""
+
+from pathlib import Path
+
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.tensorboard.summary import hparams
+
+
+class RunLogger(TensorBoardLogger):
+    """TensorBoardLogger without the `epoch` curve (charlm counts steps) and `hp_metric`; its HPARAMS are the
+    run's settings (`Report`), not Lightning's nested hyperparameters."""
+
+    def __init__(self, save_dir: str = "logs", name: str | None = None, version: int | None = None, **kwargs):
+        super().__init__(save_dir, name=name, version=version, default_hp_metric=False, **kwargs)
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+
+    def log_hyperparams(self, params, metrics=None) -> None:
+        """Lightning's call, with the raw hyperparameters: `log_settings` writes what sets runs apart instead."""
+
+    def log_settings(self, settings: dict) -> None:
+        writer = self.experiment
+        # the HPARAMS table's metric column reads the val/best_loss curve
+        for summary in hparams(settings, {"val/best_loss": 0}):
+            writer.file_writer.add_summary(summary)
+        writer.add_custom_scalars(
+            {
+                "charlm": {
+                    "loss (train and val)": ["Multiline", ["train/loss", "val/loss"]],
+                    "val bits per character": ["Multiline", ["val/bpc"]],
+                    "learning rate": ["Multiline", ["train/lr"]],
+                    "tokens/s": ["Multiline", ["train/tokens_per_sec"]],
+                }
+            }
+        )
+
+
+LOGGERS = ("charlm.runs.RunLogger", "lightning.pytorch.loggers.TensorBoardLogger")
+
+
+def tensorboard(logger) -> dict | None:
+    """The init_args of a TensorBoard logger's config; None for another logger or none."""
+    if isinstance(logger, bool | list | None) or logger.get("class_path") not in LOGGERS:
+        return None
+    return logger["init_args"]
+
+
+def run_name(config) -> str:
+    """The name a run's folders have: the logger's name when one is given, else the config's file name, with the
+    text's name after it when the text is not tiny-shakespeare, so that runs on different texts never mix."""
+    init = tensorboard(config["trainer"]["logger"])
+    if init is not None and init.get("name"):
+        return init["name"]
+    name = Path(str(config["config"][-1])).stem if config.get("config") else "default"
+    return f"{name}-{Path(config['data']['path']).stem}" if config["data"]["path"] else name
+
+
+def place_run(config, ckpt: dict | None, ckpt_path: Path | None) -> None:
+    """Point a fit at its folders, logs/<name>/version_N/ and checkpoints/<name>/version_N/ with the same N: the next
+    free N for a new run, the checkpoint's own folders for a resumed one (purge_step hides what that run logged after
+    the checkpoint, so every step appears once). An explicit --checkpoint.dirpath or logger version is kept."""
+    init, name = tensorboard(config["trainer"]["logger"]), run_name(config)
+    if ckpt is not None:
+        version = ckpt.get("log_version")
+        folder = ckpt_path.parent
+    else:
+        runs = [
+            *Path(init["save_dir"] if init else "logs", name).glob("version_*"),
+            *Path("checkpoints", name).glob("version_*"),
+        ]
+        taken = [int(run.name[8:]) for run in runs if run.name[8:].isdigit()]
+        version = max(taken, default=-1) + 1
+        folder = Path("checkpoints", name, f"version_{version}")
+    if init is not None:
+        init["name"] = name
+        if init.get("version") is None and version is not None:
+            init["version"] = version
+            if ckpt is not None:
+                init["purge_step"] = int(ckpt.get("global_step", 0))
+    if config["checkpoint"]["dirpath"] is None:
+        config["checkpoint"]["dirpath"] = str(folder)

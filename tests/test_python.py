@@ -1,0 +1,44 @@
+"""`charlm.fit`: the Python entry point runs what `python -m charlm fit` runs, and raises instead of exiting."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+from conftest import scalars, tiny
+
+import charlm
+from charlm.errors import FlagError
+
+
+class Validations(L.Callback):
+    """The steps at which the run validated, and the val loss each time."""
+
+    def __init__(self):
+        self.seen: dict[int, float] = {}
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.seen[trainer.global_step] = float(trainer.callback_metrics["val/loss"])
+
+
+def test_fit_from_python_trains_runs_callback_objects_and_returns_the_trainer(corpus, tmp_path, capsys):
+    validations = Validations()
+    trainer = charlm.fit(tiny(corpus, max_steps=4), callbacks=[validations])
+    assert list(validations.seen) == [2, 4]
+    assert trainer.global_step == 4 and float(trainer.callback_metrics["val/loss"]) == validations.seen[4]
+    assert (
+        Path(trainer.checkpoint_callback.last_model_path) == tmp_path / "checkpoints/gpt-cpu-plays/version_0/last.ckpt"
+    )
+    logged = scalars(trainer.logger.log_dir)["val/loss"]
+    assert [round(v, 5) for _, v in logged] == [round(v, 5) for v in validations.seen.values()]
+    assert "charlm: trained to step 4" in capsys.readouterr().out  # the same run the command makes
+
+
+def test_fit_from_python_raises_the_commands_one_line_errors(corpus, tmp_path):
+    with pytest.raises(FlagError, match=r"^charlm fit: error: .*--model.nope"):
+        charlm.fit([*tiny(corpus), "--model.nope", "1"])
+    with pytest.raises(ValueError, match=r"^--model.lr -1.0 must be > 0$"):
+        charlm.fit([*tiny(corpus), "--model.lr", "-1"])
+    with pytest.raises(FileNotFoundError, match="no last.ckpt in"):
+        charlm.fit([*tiny(corpus), "--ckpt_path", "last"])
+    assert not (tmp_path / "checkpoints").exists()
