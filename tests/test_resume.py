@@ -146,6 +146,32 @@ def test_a_signal_outside_a_training_step_exits_128_plus_its_number_in_one_line(
     assert err.strip().splitlines()[-1] == f"charlm: {signal.Signals(signum).name} received: stopped"
 
 
+def test_ctrl_c_in_the_last_validation_stops_the_run_with_last_saved(corpus, tmp_path):
+    text = tmp_path / "long.txt"  # a validation of 100,000 characters: seconds long, time for the signal to land in it
+    text.write_text(corpus.read_text() * 10)
+    args = ["fit", "--config", str(ROOT / "configs/gpt-cpu.yaml"), "--data.path", str(text), *WIDE]
+    args += ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.num_sanity_val_steps", "0"]
+    probe = ["--trainer.callbacks+=probes.SayValidating", "--generation.max_new_tokens", "0"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "charlm", *args, *probe],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"PYTHONPATH": str(ROOT / "tests")},
+    )
+    while "probe: validating" not in process.stderr.readline():  # the validation of the last step
+        assert process.poll() is None
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    last = "checkpoints/gpt-cpu-long/version_0/last.ckpt"
+    assert process.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"charlm: SIGINT received: stopped after step 2; saved {tmp_path / last}; resume with --ckpt_path last"
+    )
+    assert torch.load(tmp_path / last, weights_only=True)["global_step"] == 2
+
+
 def test_ctrl_c_in_generate_and_a_closed_pipe_stop_quietly(corpus, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     main(["fit", *tiny(corpus, max_steps=2)])

@@ -90,3 +90,12 @@ def test_a_checkpoint_from_before_rotary_positions_still_loads(tmp_path):
     idx = torch.randint(20, (1, 16))
     assert torch.equal(net(idx)[0], old(idx)[0])
     assert tokenizer.vocab_size == 20
+
+
+def test_a_context_of_one_character_samples_past_its_block_size():
+    """block_size 1: every re-fill keeps the one last character, so each step sees exactly the previous one."""
+    torch.manual_seed(0)
+    net = GPT(vocab_size=20, block_size=1, n_layer=1, n_head=2, n_embd=16).eval()
+    out = tokens(net, torch.tensor([[3]]), 50, temperature=0)
+    seq = [3, *out[0].tolist()]
+    assert all(seq[t + 1] == net(torch.tensor([[seq[t]]]))[0][0, -1].argmax().item() for t in range(50))

@@ -62,8 +62,8 @@ def draw(weights: torch.Tensor, text: list[str], note: str) -> Image.Image:
     pen.text((GAP + 186, LINE + 1), "1    linear; grey: later characters, never seen", font=font, fill="black")
     if note:
         pen.text((GAP, 2 * LINE + 1), note, font=font, fill="black")
-    # the characters along the panels' edges: drawn once and pasted into every panel (drawing them into each of
-    # gpt.yaml's 36 panels took 0.2 s longer), so no glyph reaches into the cells
+    # the characters along the panels' edges: drawn once and pasted into every panel (cheaper than drawing them
+    # into each of many panels), so no glyph reaches into the cells
     queries, keys = Image.new("RGB", (CELL, side), "white"), Image.new("RGB", (side, CELL), "white")
     query_pen, key_pen = ImageDraw.Draw(queries), ImageDraw.Draw(keys)
     for i, char in enumerate(text):

@@ -311,7 +311,7 @@ class AttentionCallback(L.Callback):
         tokenizer = trainer.datamodule.tokenizer
         ids = tokenizer.encode(self.prompt) if self.prompt else trainer.datamodule.val_data[:MAX_CHARS].tolist()
         image, _ = attention_picture(pl_module.net, tokenizer, ids)
-        # the PNG written here: add_image turns the pixels into float32 and back first, 2.7 times slower
+        # the PNG written here: add_image turns the pixels into float32 and back first, much slower
         png = io.BytesIO()
         image.save(png, format="PNG")
         picture = Summary.Image(

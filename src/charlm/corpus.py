@@ -273,7 +273,7 @@ def encode_chars(files: list[Path], chars: str, dtype: str, f: BinaryIO) -> int:
     """Write the ids of the sources' characters to f; returns how many."""
     table = np.zeros(CODE_POINTS, dtype)
     table[[ord(c) for c in chars]] = np.arange(len(chars))
-    ascii_table = table[:256].astype(np.uint8).tobytes()  # for bytes.translate, 1.6x faster than numpy's lookup
+    ascii_table = table[:256].astype(np.uint8).tobytes()  # for bytes.translate, faster than numpy's lookup
     n = 0
     for points in code_points(files):
         if isinstance(points, np.ndarray):

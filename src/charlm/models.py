@@ -106,7 +106,7 @@ class CausalSelfAttention(nn.Module):
         nh = self.n_head
         qkv = self.c_attn(x).view(B, T, 3 * nh, C // nh).transpose(1, 2)  # (B, 3 nh, T, hs): q, k, v heads
         q, k, v = qkv.split(nh, dim=1)  # (B, nh, T, hs) each
-        if rope is not None:  # queries and keys in one rotation: 3-5% less time per gpt-cpu step than one each
+        if rope is not None:  # queries and keys in one rotation: less time than one each
             q, k = rotate(qkv[:, : 2 * nh], *rope).split(nh, dim=1)
         if self.kv_cache is not None:  # x holds positions pos .. pos+T-1: store them, attend to all so far
             k_cache, v_cache = self.kv_cache

@@ -80,7 +80,7 @@ def generate(
                 elif window.size(1) <= block_size:
                     logits = net(next_id, pos=window.size(1) - 1)[0][:, -1]
                 else:  # the cache is full: re-fill it from the most recent characters
-                    window = window[:, -(block_size // 2) :]
+                    window = window[:, -max(1, block_size // 2) :]  # block_size 1 keeps its one character
                     logits = net(window)[0][:, -1]
         finally:
             if cached:

@@ -102,19 +102,27 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
         # step global_step is complete, logged and validated here, so a run resumed from this save repeats nothing
-        step = trainer.global_step
-        stop = self.stop_signal  # a snapshot: the handler may set stop_signal at any moment, also during the reduce
-        if trainer.world_size > 1:  # every rank stops after the same step, whichever rank the signal reached
-            stop = int(trainer.strategy.reduce(torch.tensor(stop or 0, device=pl_module.device), reduce_op="max"))
-        if stop or step % self.save_last_every_n_steps == 0:
+        stop = self.requested_stop(trainer, pl_module)
+        if stop or trainer.global_step % self.save_last_every_n_steps == 0:
             self.saving_at_batch_start = True
             self.write_last(trainer)
             self.saving_at_batch_start = False
         if stop:
-            saved = f"saved {self.last_model_path}; resume with --ckpt_path last" if step > 0 else "nothing to save"
-            if not trainer.is_global_zero:  # rank zero alone says what happened
-                raise SystemExit(128 + stop)
-            raise Stopped(stop, f"after step {step}; {saved}")
+            self.stop(trainer, stop)
+
+    def requested_stop(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
+        """The signal that asked the run to stop, or 0; under DDP, any rank's."""
+        stop = self.stop_signal or 0  # a snapshot: the handler may set stop_signal at any moment, also during reduce
+        if trainer.world_size > 1:  # every rank stops after the same step, whichever rank the signal reached
+            stop = int(trainer.strategy.reduce(torch.tensor(stop, device=pl_module.device), reduce_op="max"))
+        return stop
+
+    def stop(self, trainer: L.Trainer, signum: int) -> None:
+        step = trainer.global_step
+        saved = f"saved {self.last_model_path}; resume with --ckpt_path last" if step > 0 else "nothing to save"
+        if not trainer.is_global_zero:  # rank zero alone says what happened
+            raise SystemExit(128 + signum)
+        raise Stopped(signum, f"after step {step}; {saved}")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)  # the best checkpoints
@@ -124,6 +132,9 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         self.write_last(trainer)
+        # a signal after the last step (in its validation, say) stops the run too: whoever sent it sees it fail
+        if stop := self.requested_stop(trainer, pl_module):
+            self.stop(trainer, stop)
 
     def write_last(self, trainer: L.Trainer) -> None:
         """Write last.ckpt, unless it already holds this step (or no step was taken)."""

@@ -72,7 +72,7 @@ class CharLM(L.LightningModule):
                 f"the training loss is {loss.item()} at step {self.global_step + 1}: stopped; the checkpoints saved "
                 "so far are kept: lower --model.lr, or check the data"
             )
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # self.log costs 0.5 ms: only when written
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # self.log is not free: only when written
             self.log("train/loss", loss, prog_bar=True)
         return loss
 
