@@ -204,7 +204,10 @@ def files_and_contents(folder) -> dict:
         (["--trainer.val_check_interval", "0"], "--trainer.val_check_interval 0 must be > 0"),
         (["--trainer.accumulate_grad_batches", "0"], "--trainer.accumulate_grad_batches 0 must be >= 1"),
         (["--trainer.log_every_n_steps", "0"], "--trainer.log_every_n_steps 0 must be >= 1"),
-        (["--data.path", "no_newline.txt"], "--generation.prompt has characters ['\\n'] that are not in the corpus"),
+        (
+            ["--data.path", "no_newline.txt", "--generation.prompt", "\n"],
+            "--generation.prompt has characters ['\\n'] that are not in the corpus",
+        ),
         pytest.param(
             ["--trainer.accelerator", "cuda"],
             "`CUDAAccelerator` can not run on your system since the accelerator is not available",
@@ -391,7 +394,7 @@ def test_attention_bad_input_is_one_line_error_and_keeps_the_old_picture(trained
         main(["attention", "--ckpt_path", "last", "--prompt", "ROMEO:", "--out", "old.png", *flags])
     assert message in str(exit_info.value.code) and "\n" not in str(exit_info.value.code)
     assert (cwd / "old.png").read_bytes() == b"an earlier picture"
-    assert not list(cwd.glob(".*.tmp")) and not list((cwd / "folder.png").iterdir())
+    assert not list(cwd.glob(".saving-*")) and not list((cwd / "folder.png").iterdir())
 
 
 def test_generate_streams_text_from_the_last_checkpoint_to_stdout_only(trained):
@@ -581,3 +584,69 @@ def test_a_fit_in_a_terminal_draws_the_rich_bar_counting_steps(corpus, tmp_path)
     assert re.search(r"step ━+ 4/4 0:00:\d\d eta 0:00:00 train \d\.\d{3}  val \d\.\d{3}  tokens/s [\d,]+", text)
     assert "Epoch" not in text and "v_num" not in text
     assert re.search(r"step 4/4: train loss \d\.\d{4}, val loss", text)  # stdout, printed above the bar
+
+
+def test_no_command_overwrites_a_users_file_at_a_name_charlm_writes(trained, corpus, tmp_path, monkeypatch, capsys):
+    """config.yaml and attention.png in the working folder, and a link at an explicit --out: left as they were."""
+    cwd, *_ = trained
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(cwd / "checkpoints", tmp_path / "checkpoints")
+    (tmp_path / "config.yaml").write_text("my own settings\n")
+    (tmp_path / "attention.png").write_text("my own picture\n")
+    (tmp_path / "target.png").write_text("a link points here\n")
+    (tmp_path / "linked.png").symlink_to(tmp_path / "target.png")
+    ckpt = ["--ckpt_path", "checkpoints/gpt-cpu-plays/version_0/last.ckpt"]
+    main(["validate", *tiny(corpus), *ckpt])
+    main(["test", *tiny(corpus), *ckpt])
+    main(["fit", *tiny(corpus, max_steps=2), "--trainer.logger", "false", "--checkpoint.dirpath", "mine"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["attention", *ckpt, "--prompt", "ROMEO:"])
+    assert str(exit_info.value.code) == (
+        "charlm: error: attention.png is there and is not a picture charlm drew: pass --out with a new name"
+    )
+    main(["attention", *ckpt, "--prompt", "ROMEO:", "--out", "linked.png"])  # named: the link is replaced
+    assert (tmp_path / "config.yaml").read_text() == "my own settings\n"
+    assert (tmp_path / "attention.png").read_text() == "my own picture\n"
+    assert (tmp_path / "target.png").read_text() == "a link points here\n" and not (
+        tmp_path / "linked.png"
+    ).is_symlink()
+    (tmp_path / "attention.png").unlink()
+    main(["attention", *ckpt, "--prompt", "ROMEO:"])
+    main(["attention", *ckpt, "--prompt", "KING"])  # charlm's own picture at the default name: replaced
+    assert not list(tmp_path.glob(".saving-*"))
+
+
+def test_an_explicit_log_version_that_holds_a_run_is_refused_before_anything_is_written(trained, corpus, monkeypatch):
+    cwd, *_ = trained
+    monkeypatch.chdir(cwd)
+    before = files_and_contents(cwd / "logs")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *tiny(corpus), "--trainer.logger.init_args.version", "0", "--checkpoint.dirpath", "elsewhere"])
+    assert "--trainer.logger.init_args.version 0: logs/gpt-cpu-plays/version_0/ holds the curves of an earlier run" in (
+        str(exit_info.value.code)
+    )
+    assert files_and_contents(cwd / "logs") == before and not (cwd / "elsewhere").exists()
+
+
+def test_a_text_without_a_newline_trains_with_the_default_prompt_and_block_size_1(tmp_path, monkeypatch, capsys):
+    (tmp_path / "one_line.txt").write_text("the quick brown fox jumps over the lazy dog " * 200)
+    flags = ["--data.path", "one_line.txt", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"]
+    main(["fit", *flags, "--data.val_tokens", "200", "--generation.max_new_tokens", "80"])
+    main(["fit", *flags, "--data.block_size", "1", "--generation.max_new_tokens", "80"])  # samples past its context
+    out = capsys.readouterr().out
+    assert out.count("--- sample at step 2 ---\n ") == 2  # the first character of the vocabulary: a space
+
+
+def test_a_tiny_temperature_is_greedy_and_a_batch_beyond_memory_is_one_line(trained, corpus, monkeypatch, capsys):
+    cwd, *_ = trained
+    monkeypatch.chdir(cwd)
+    sample = ["generate", "--ckpt_path", "last", "--prompt", "ROMEO:", "--max_new_tokens", "40", "--temperature"]
+    main([*sample, "1e-50"])  # every logit but the largest divided into -inf: no NaN from inf - inf
+    tiny_temperature = capsys.readouterr().out
+    main([*sample, "0"])
+    assert tiny_temperature == capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *tiny(corpus), "--data.batch_size", str(10**13), "--checkpoint.dirpath", "huge"])
+    assert str(exit_info.value.code).startswith("charlm: error: out of memory (") and "--data.batch_size" in str(
+        exit_info.value.code
+    )

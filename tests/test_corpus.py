@@ -263,3 +263,47 @@ def test_a_full_disk_while_preparing_is_one_line_and_leaves_no_partial_files(tmp
     [folder] = small_disk.iterdir()
     assert [p.name for p in folder.iterdir()] == [".lock"]
     assert len(CharDataModule(str(tmp_path / "big.txt"), cache_dir=str(tmp_path / "roomy")).train_data) == 2_699_973
+
+
+@pytest.mark.parametrize("name", ["meta.json", "tokens.bin"])
+@pytest.mark.parametrize("kind", ["a FIFO", "a symbolic link"])
+def test_a_cache_file_that_is_not_a_regular_file_is_refused_at_once(tiny_text, tmp_path, name, kind):
+    CharDataModule(str(tiny_text))
+    [file] = (tmp_path / "data/prepared").glob(f"*/{name}")
+    file.unlink()
+    if kind == "a FIFO":  # a read of either never ends
+        os.mkfifo(file)
+    else:
+        file.symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match=f"{name} is {kind}, not a file charlm prepared: remove it"):
+        CharDataModule(str(tiny_text))
+
+
+def test_a_cache_whose_vocabulary_was_swapped_is_prepared_again(tiny_text, tmp_path, capsys):
+    first = CharDataModule(str(tiny_text))
+    [meta_file] = (tmp_path / "data/prepared").glob("*/meta.json")
+    meta = json.loads(meta_file.read_text())
+    meta["chars"] = meta["chars"][:-1] + chr(ord(meta["chars"][-1]) + 1)  # the same length, sorted, one id changed
+    meta_file.write_text(json.dumps(meta))
+    capsys.readouterr()
+    again = CharDataModule(str(tiny_text))
+    assert "preparing" in capsys.readouterr().err
+    assert again.tokenizer.chars == first.tokenizer.chars
+
+
+def test_a_subfolder_that_cannot_be_read_or_is_a_link_is_an_error_naming_it(tmp_path):
+    for name in ("texts/a", "texts/b", "elsewhere"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "part.txt").write_text("hello world\n" * 50)
+    (tmp_path / "texts/b").chmod(0)
+    # root reads any folder: without these two capabilities it obeys the permissions, as a user does
+    command = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", sys.executable, "-m", "charlm", "data"]
+    result = subprocess.run([*command, "--data.path", "texts"], cwd=tmp_path, capture_output=True, text=True)
+    (tmp_path / "texts/b").chmod(0o755)
+    assert result.returncode == 1 and result.stderr.strip() == (
+        "charlm: error: --data.path: texts/b cannot be read (Permission denied): make it readable, or move it out"
+    )
+    (tmp_path / "texts/b").rename(tmp_path / "b")
+    (tmp_path / "texts/b").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="texts/b is a link to a folder, which charlm does not follow"):
+        CharDataModule(str(tmp_path / "texts"))

@@ -176,3 +176,63 @@ def test_a_bad_space_is_one_line(tmp_path, monkeypatch):
         "charlm: error: --space space.yaml: model.lr: low and high must be numbers with low <= high, not 0.1 and 0.01"
     )
     assert not (tmp_path / "sweeps").exists()
+
+
+def test_the_sweeps_storage_and_names_are_checked_and_a_users_files_left_alone(text, tmp_path, capsys):
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    command = ["sweep", "--space", "space.yaml", "--n_trials", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--study", "../outside"])
+    assert "--study ../outside: a study is a folder in sweeps/" in str(exit_info.value.code)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--show_only", "true"])
+    assert (
+        str(exit_info.value.code)
+        == "charlm: error: --study space: there is no sweeps/space/study.db: run the sweep first"
+    )
+    assert not (tmp_path / "sweeps").exists() and not (tmp_path.parent / "outside").exists()
+    (tmp_path / "sweeps/space").mkdir(parents=True)
+    (tmp_path / "sweeps/space/study.db").write_bytes(b"not a database" * 100)
+    with pytest.raises(SystemExit) as exit_info:
+        main(command)
+    assert re.fullmatch(
+        r"charlm: error: sweep space: its storage sqlite:///sweeps/space/study.db cannot be used \(.+\): remove or "
+        r"repair sweeps/space/study.db",
+        str(exit_info.value.code),
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--storage", "nosuchdb://x"])
+    assert "its storage nosuchdb://x cannot be used" in str(exit_info.value.code)
+    (tmp_path / "sweeps/space/study.db").unlink()
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "sweeps/space/.lock").unlink()
+    (tmp_path / "sweeps/space/.lock").symlink_to(tmp_path / "notes.txt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(command)
+    assert "sweeps/space/.lock cannot be opened" in str(exit_info.value.code)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_an_edited_best_yaml_is_kept_and_another_storage_never_shares_trial_folders(text, tmp_path, capsys):
+    main(sweep_command(tmp_path, text, n_trials=1))
+    best = tmp_path / "sweeps/space/best.yaml"
+    best.write_text(best.read_text().replace("lr:", "lr:  # mine\n  lr_note:", 1) + "# edited\n")
+    edited = best.read_bytes()
+    main(sweep_command(tmp_path, text, n_trials=2))
+    assert best.read_bytes() == edited
+    assert "sweeps/space/best.yaml was edited, so it is kept as it is" in capsys.readouterr().err
+    # the same study name in a new storage numbers its trials from 0 again: trial_0/ is the first study's
+    other = sweep_command(tmp_path, text, n_trials=1)
+    other[other.index("--") : other.index("--")] = ["--storage", f"sqlite:///{tmp_path}/other.db"]
+    before = (tmp_path / "sweeps/space/trial_0/version_0/config.yaml").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main(other)
+    assert "sweeps/space/trial_0/ is there already, from another study of this name" in str(exit_info.value.code)
+    assert (tmp_path / "sweeps/space/trial_0/version_0/config.yaml").read_bytes() == before
+
+
+def test_a_sweep_in_which_no_trial_completed_exits_1(text, tmp_path, capsys):
+    queue(tmp_path, UNBUILDABLE)
+    with pytest.raises(SystemExit) as exit_info:
+        main(sweep_command(tmp_path, text, n_trials=1, space=WITH_3_HEADS))
+    assert str(exit_info.value.code).startswith("charlm: error: no trial of sweep space completed")

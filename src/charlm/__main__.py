@@ -80,6 +80,14 @@ def main(args: list[str] | None = None) -> None:
     except FlagError as e:
         print(e, file=sys.stderr)
         sys.exit(2)
+    except (MemoryError, RuntimeError) as e:  # torch's allocators raise RuntimeErrors, CUDA's a subclass
+        message = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if not isinstance(e, MemoryError) and "out of memory" not in message and "allocate memory" not in message:
+            raise
+        sys.exit(
+            f"charlm: error: out of memory ({message[:200]}): lower --data.batch_size or --data.block_size, or "
+            "train a smaller model"
+        )
     except one_line_errors() as e:
         sys.exit(f"charlm: error: {e}")
     finally:

@@ -218,7 +218,8 @@ class GenerationCallback(L.Callback):
     The same prompt and seed every time, so the samples differ only because the model learned.
 
     Args:
-        prompt: the text the samples continue; every character must be in the corpus.
+        prompt: the text the samples continue; every character must be in the corpus. By default a newline, or where
+            the corpus has none, the first character of its vocabulary.
         max_new_tokens: characters to generate; 0 turns the samples off.
         temperature: sampling temperature; 0 picks the most likely character.
         top_k: sample only among the k most likely characters (None: all).
@@ -227,7 +228,7 @@ class GenerationCallback(L.Callback):
 
     def __init__(
         self,
-        prompt: str = "\n",
+        prompt: str | None = None,
         max_new_tokens: int = 300,
         temperature: float = 0.8,
         top_k: int | None = None,
@@ -236,7 +237,7 @@ class GenerationCallback(L.Callback):
         # checked now, not at the first validation, after all the training before it
         if max_new_tokens < 0:
             raise ValueError(f"--generation.max_new_tokens {max_new_tokens} must be >= 0 (0 turns the samples off)")
-        if not prompt:
+        if prompt == "":
             raise ValueError("--generation.prompt is empty: give at least one character (the default is a newline)")
         if not 0 <= temperature < float("inf"):  # also refuses NaN
             raise ValueError(f"--generation.temperature {temperature} must be a number >= 0 (0 is greedy)")
@@ -251,7 +252,9 @@ class GenerationCallback(L.Callback):
         self.seed = seed
 
     def check_prompt(self, tokenizer: Tokenizer) -> None:
-        check_prompt(self.prompt, tokenizer, "--generation.prompt")  # a corpus may have no newline
+        if self.prompt is None:  # not the user's flag: a corpus without a newline gets a prompt it can encode
+            self.prompt = "\n" if not tokenizer.unknown("\n") else tokenizer.decode([0])
+        check_prompt(self.prompt, tokenizer, "--generation.prompt")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.check_prompt(trainer.datamodule.tokenizer)

@@ -23,6 +23,7 @@ from rich.text import Text
 from charlm import checkpoints, runs
 from charlm.callbacks import AttentionCallback, GenerationCallback, Report, StepBar, StepLines, TrainingSpeed
 from charlm.data import CharDataModule
+from charlm.files import atomic_write
 from charlm.flags import Help, OneLineErrors
 from charlm.saving import ResumableCheckpoint
 from charlm.tokenizers import visible
@@ -36,15 +37,21 @@ class ArgumentParser(OneLineErrors, LightningArgumentParser):
 
 
 class SaveConfigAtTrainStart(SaveConfigCallback):
-    """Write a fit's config.yaml once training starts: after ResumableCheckpoint has locked and checked its folder,
-    so a refused run overwrites no other run's config.yaml."""
+    """Write a fit's config.yaml into its log folder, whole (`atomic_write`), once training starts: after
+    ResumableCheckpoint has locked and checked its folder, so a refused run overwrites no other run's config.yaml.
+    validate and test add no run, and a fit without a logger has no folder of its own: they write none (Lightning's
+    would write one into the current folder)."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage != "fit":
-            super().setup(trainer, pl_module, stage)
+        pass
 
     def on_train_start(self, trainer, pl_module) -> None:
-        super().setup(trainer, pl_module, "fit")
+        if trainer.logger is None or not trainer.is_global_zero:
+            return
+        folder = Path(trainer.logger.log_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_write(folder / self.config_filename, "w") as f:
+            f.write(self.parser.dump(self.config, skip_none=False))
 
 
 class CharLMCLI(LightningCLI):
@@ -59,7 +66,6 @@ class CharLMCLI(LightningCLI):
             seed_everything_default=1337,
             auto_configure_optimizers=False,
             save_config_callback=SaveConfigAtTrainStart,
-            save_config_kwargs={"overwrite": True},  # a resumed run rewrites config.yaml in the folder it goes on in
             # a prefix is a typo, not another flag
             parser_kwargs={
                 "prog": "charlm",

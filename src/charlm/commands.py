@@ -11,6 +11,7 @@ from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt, r
 
 Probability = restricted_number_type("Probability", float, [(">", 0), ("<=", 1)])
 Device = Literal["auto", "cpu", "cuda"]
+DEFAULT_PICTURE = "attention.png"
 
 
 def load(ckpt_path: str, prompt: str, prompt_file: str | None, device: str, unknown: str):
@@ -89,7 +90,7 @@ def attention(
     ckpt_path: str,
     prompt: str = "",
     prompt_file: str | None = None,
-    out: str = "attention.png",
+    out: str | None = None,
     device: Device = "auto",
     unknown: Literal["error", "skip"] = "error",
 ) -> None:
@@ -99,15 +100,22 @@ def attention(
         ckpt_path: a .ckpt file, a folder, last or best, as for generate.
         prompt: the text to look at.
         prompt_file: read the text from this UTF-8 file instead.
-        out: the PNG file to write (written whole, then renamed onto the name).
+        out: the PNG file to write, whole, then renamed onto the name (default: attention.png, replaced only when
+            it is a picture charlm drew).
         device: where to run the model.
         unknown: what to do with characters the model never saw.
     """
+    from PIL.PngImagePlugin import PngInfo
+
     from charlm.attention import attention_picture
     from charlm.files import atomic_write
     from charlm.models import GPT
 
-    out = Path(out)
+    if out is None and not drawn_by_charlm(Path(DEFAULT_PICTURE)):
+        raise FileExistsError(
+            f"{DEFAULT_PICTURE} is there and is not a picture charlm drew: pass --out with a new name"
+        )
+    out = Path(out or DEFAULT_PICTURE)
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out {out}: the picture is a PNG: give a file name ending in .png")
     if not out.parent.is_dir():
@@ -118,9 +126,26 @@ def attention(
     if not isinstance(net, GPT):
         raise ValueError(f"--ckpt_path {path} holds a {type(net).__name__}, which has no attention: pass a GPT's")
     image, note = attention_picture(net, tokenizer, tokenizer.encode(prompt))
+    signature = PngInfo()
+    signature.add_text("Software", "charlm")  # what lets a later run replace the default name
     with atomic_write(out) as f:
-        image.save(f, format="PNG", optimize=True)
+        image.save(f, format="PNG", optimize=True, pnginfo=signature)
     n_layer, n_head = net.config["n_layer"], net.config["n_head"]
     print(f"charlm: wrote {out}: {n_layer} x {n_head} panels (layers x heads)", file=sys.stderr)
     if note:
         print(f"charlm: the text is longer than a picture fits: {note}", file=sys.stderr)
+
+
+def drawn_by_charlm(path: Path) -> bool:
+    """Whether a file may be replaced by a new picture: absent, or a PNG that charlm drew (not a link to one)."""
+    if not (path.exists() or path.is_symlink()):
+        return True
+    if path.is_symlink() or not path.is_file():
+        return False
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.text.get("Software") == "charlm"
+    except OSError:  # not an image at all
+        return False

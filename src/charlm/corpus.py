@@ -31,7 +31,8 @@ import torch
 from charlm.files import atomic_write, lock_folder
 from charlm.tokenizers import ByteTokenizer, CharTokenizer, Tokenizer, tokenizer_from_state
 
-FORMAT = 1
+FORMAT = 2  # 2: meta.json holds a digest of its fields
+MAX_META_BYTES = 1 << 26  # far beyond the vocabulary, counts and fingerprints of any corpus
 CHUNK = 1 << 23  # bytes read at a time (8 MiB): preparation's memory stays bounded whatever the corpus size
 CODE_POINTS = 0x110000
 SAMPLE_BLOCK, SAMPLE_BLOCKS = 1 << 16, 64  # the fingerprint hashes 64 blocks of 64 KiB, or all of a smaller file
@@ -51,7 +52,16 @@ def source_files(path: Path) -> list[Path]:
     if kind == "missing":
         raise FileNotFoundError(f"--data.path {path} does not exist: pass a UTF-8 text file or a folder")
     if kind == "a folder":
-        files = sorted(Path(root, name) for root, _, names in os.walk(path) for name in names if name.endswith(".txt"))
+        files = []
+        for root, folders, names in os.walk(path, onerror=unreadable):
+            for name in folders:  # os.walk would leave out a linked folder's texts without a word
+                if Path(root, name).is_symlink():
+                    raise ValueError(
+                        f"--data.path {path}: {Path(root, name)} is a link to a folder, which charlm does not follow: "
+                        "copy the folder in, or pass it as --data.path of its own"
+                    )
+            files += [Path(root, name) for name in names if name.endswith(".txt")]
+        files.sort()
         if not files:
             raise FileNotFoundError(f"--data.path {path} is a folder with no .txt file in it: pass a file or a folder")
         for file in files:
@@ -63,11 +73,18 @@ def source_files(path: Path) -> list[Path]:
     return [path]
 
 
+def unreadable(error: OSError) -> None:
+    """os.walk's onerror: a folder it cannot list is an error, not a folder with no text in it."""
+    raise OSError(
+        f"--data.path: {error.filename} cannot be read ({error.strerror}): make it readable, or move it out"
+    ) from None
+
+
 def file_kind(path: Path) -> str:
     """What path is, from stat (following symlinks) alone: opening a FIFO to look would block."""
     try:
         mode = path.stat().st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # or a file where a folder on its path should be
         return "missing"
     if stat.S_ISREG(mode):
         return "a regular file"
@@ -112,7 +129,21 @@ def load(path: Path, tokenizer: str, cache_dir: Path) -> Corpus:
 
 
 def read_meta(folder: Path, tokenizer: str, sources: list[dict]) -> dict | None:
-    """meta.json if it describes a whole, current preparation of these sources with this tokenizer, else None."""
+    """meta.json if it describes a whole, current preparation of these sources with this tokenizer, else None.
+
+    A meta.json or tokens.bin that is not a regular file (a link, a FIFO, a device) is no file charlm wrote: refused
+    before it is opened. Every field is checked, and the digest over them catches a field changed by hand.
+    """
+    for name in ("meta.json", "tokens.bin"):
+        file = folder / name
+        kind = "a symbolic link" if file.is_symlink() else file_kind(file)
+        if kind == "missing":
+            return None
+        if kind != "a regular file" or (name == "meta.json" and file.stat().st_size > MAX_META_BYTES):
+            what = kind if kind != "a regular file" else f"a file of {file.stat().st_size:,} bytes"
+            raise ValueError(
+                f"{file} is {what}, not a file charlm prepared: remove it, and charlm prepares the text again"
+            )
     try:
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         size = (folder / "tokens.bin").stat().st_size
@@ -120,10 +151,14 @@ def read_meta(folder: Path, tokenizer: str, sources: list[dict]) -> dict | None:
         return None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("tokenizer") != tokenizer:
         return None
-    if meta.get("sources") != sources or meta.get("dtype") not in ("uint8", "uint16"):
+    if meta.get("digest") != meta_digest(meta) or meta.get("sources") != sources:
+        return None
+    if meta.get("dtype") not in ("uint8", "uint16"):
         return None
     n, counts, itemsize = meta.get("tokens"), meta.get("counts"), np.dtype(meta["dtype"]).itemsize
     if type(n) is not int or n < 1 or size != n * itemsize:
+        return None
+    if not all(type(meta.get(key)) is int and meta[key] >= 0 for key in ("characters", "bytes")):
         return None
     try:
         vocab_size = tokenizer_from_state(meta).vocab_size
@@ -131,9 +166,17 @@ def read_meta(folder: Path, tokenizer: str, sources: list[dict]) -> dict | None:
         return None
     if not isinstance(counts, list) or len(counts) != vocab_size or vocab_size > 256**itemsize:
         return None
+    if not all(type(c) is int and c >= 0 for c in counts) or sum(counts) != n:
+        return None
     if vocab_size < 256**itemsize and max_token(folder / "tokens.bin", meta["dtype"]) >= vocab_size:
         return None  # ids the vocabulary does not have: the token file was changed after it was written
     return meta
+
+
+def meta_digest(meta: dict) -> str:
+    """A hash of every field of meta.json but itself: a vocabulary swapped for another of the same size changes it."""
+    fields = {k: v for k, v in meta.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def max_token(file: Path, dtype: str) -> int:
@@ -196,6 +239,7 @@ def write(path: Path, files: list[Path], tokenizer: str, folder: Path, sources: 
             "counts": [int(c) for c in counts],
             "sources": sources,
         }
+        meta["digest"] = meta_digest(meta)
         with atomic_write(folder / "meta.json", "w") as f:
             f.write(json.dumps(meta, ensure_ascii=False))
     except OSError as e:

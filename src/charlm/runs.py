@@ -75,6 +75,12 @@ def place_run(config, ckpt: dict | None, ckpt_path: Path | None) -> None:
         folder = Path("checkpoints", name, f"version_{version}")
     if init is not None:
         init["name"] = name
+        given = Path(init.get("save_dir") or "logs", name, f"version_{init.get('version')}")
+        if ckpt is None and init.get("version") is not None and any(given.glob("events.out.tfevents.*")):
+            raise FileExistsError(
+                f"--trainer.logger.init_args.version {init['version']}: {given}/ holds the curves of an earlier run: "
+                "leave the version out (a new run takes the next free one), or resume that run with --ckpt_path"
+            )
         if init.get("version") is None and version is not None:
             init["version"] = version
             if ckpt is not None:

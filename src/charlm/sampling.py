@@ -35,7 +35,10 @@ def pick_next(
     """
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    # the largest logit becomes 0 first, and the temperature at least float32's smallest: divided by a tiny
+    # temperature the others go to -inf, never inf - inf or 0 / 0 = NaN
+    temperature = max(temperature, torch.finfo(torch.float32).tiny)
+    logits = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))

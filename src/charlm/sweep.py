@@ -13,6 +13,7 @@ storage (by default SQLite, `sweeps/<study>/study.db`): the same command again c
 (or machines, with a shared database) given the same storage work on it together until it holds `n_trials` trials.
 """
 
+import hashlib
 import os
 import re
 import shutil
@@ -134,7 +135,12 @@ def run_trial(trial, folder: Path, flags: list[str], keep_checkpoints: bool) -> 
     """One fit with the trial's flags, its output in its folder's fit.log; its best exact val loss. Raises
     TrialPruned, or Failed with the fit's error."""
     name = f"trial_{trial.number}"
-    (folder / name).mkdir(parents=True, exist_ok=True)
+    if (folder / name).exists() or (folder / name).is_symlink():  # never two trials' curves in one folder
+        raise FileExistsError(
+            f"{folder / name}/ is there already, from another study of this name (another --storage?): "
+            "pass --study with another name"
+        )
+    (folder / name).mkdir()
     sampled = [f"--{flag}={value}" for flag, value in trial.params.items()]
     pruning = Pruning(trial)
     where = [
@@ -164,17 +170,34 @@ class Failed(Exception):
     """A trial's fit stopped with an error: recorded with its reason, and the sweep goes on."""
 
 
-def best_config(folder: Path, trial) -> Path:
-    """Write the best trial's config as one that `fit --config` runs as is: its own logs and checkpoints."""
+def best_config(folder: Path, trial) -> Path | None:
+    """Write the best trial's config as one that `fit --config` runs as is (its own logs and checkpoints), unless a
+    best.yaml is there that charlm did not write as it is (a person edited it): then None."""
     config = yaml.safe_load((folder / f"trial_{trial.number}/version_0/config.yaml").read_text())
     config["trainer"]["logger"]["init_args"] |= {"save_dir": "logs", "name": None, "version": None}
     config["checkpoint"]["dirpath"] = None
     config["ckpt_path"] = None
     path = folder / "best.yaml"
+    if (path.exists() or path.is_symlink()) and not written_by_charlm(path):
+        return None
+    body = yaml.safe_dump(config, sort_keys=False)
     header = f"# the best trial of sweep {folder.name}: trial {trial.number}, best exact val loss {trial.value:.4f}\n"
+    header += f"# charlm rewrites this file unless it is edited ({digest(body)})\n"
     with atomic_write(path, "w") as f:
-        f.write(header + yaml.safe_dump(config, sort_keys=False))
+        f.write(header + body)
     return path
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def written_by_charlm(path: Path) -> bool:
+    """Whether a best.yaml is a regular file whose body still has the digest its header gives."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    lines = path.read_text(errors="replace").split("\n", 2)
+    return len(lines) == 3 and lines[1].endswith(f"({digest(lines[2])})")
 
 
 def show(study, space: dict, top: int) -> None:
@@ -242,16 +265,22 @@ def sweep(
     url = storage or f"sqlite:///{folder / 'study.db'}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
+    if show_only and storage is None and not (folder / "study.db").is_file():
+        raise ValueError(f"--study {name}: there is no {folder / 'study.db'}: run the sweep first")
     with lock_folder(folder):  # two workers starting at once would both create the tables
-        rdb = optuna.storages.RDBStorage(url)
-        the_study = optuna.create_study(
-            storage=rdb,
-            study_name=name,
-            direction="minimize",
-            load_if_exists=True,
-            sampler=samplers[sampler](seed=seed),
-            pruner=median_pruner(pruner_startup_trials),
-        )
+        try:
+            rdb = optuna.storages.RDBStorage(url)
+            options = {"sampler": samplers[sampler](seed=seed), "pruner": median_pruner(pruner_startup_trials)}
+            if show_only:
+                the_study = optuna.load_study(study_name=name, storage=rdb, **options)
+            else:
+                the_study = optuna.create_study(
+                    storage=rdb, study_name=name, direction="minimize", load_if_exists=True, **options
+                )
+        except Exception as e:  # whatever the database or its driver raises: the storage is not usable
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            fix = f"remove or repair {folder / 'study.db'}" if storage is None else "pass a --storage Optuna can open"
+            raise ValueError(f"sweep {name}: its storage {url} cannot be used ({reason}): {fix}") from None
     flags = [*(["--config", config] if config else []), *(fit or [])]
     flags += [f"--trainer.max_steps={max_steps}"] if max_steps else []
     while not show_only:
@@ -298,7 +327,10 @@ def sweep(
             f"no trial of sweep {name} completed: see why above and in {folder}/trial_N/fit.log, then change the space "
             "or the flags"
         )
-    path = best_config(folder, the_study.best_trial)
+    best = the_study.best_trial
+    path = best_config(folder, best) or folder / f"trial_{best.number}/version_0/config.yaml"
+    if path.name != "best.yaml":
+        print(f"charlm sweep: {folder / 'best.yaml'} was edited, so it is kept as it is", file=sys.stderr)
     print(f"charlm sweep: the best trial's config: {path} (python -m charlm fit --config {path})")
 
 
