@@ -116,24 +116,22 @@ def test_checkpoint_is_self_describing_and_loads_with_weights_only(trained):
     assert net["init_args"] | {"vocab_size": 65, "block_size": 32, "n_layer": 1, "n_embd": 32} == net["init_args"]
 
 
-def test_resume_from_last_continues_the_global_step_and_the_curves(corpus, tmp_path):
-    assert charlm("fit", *tiny(corpus, max_steps=2), cwd=tmp_path).returncode == 0
-    result = charlm("fit", *tiny(corpus, max_steps=4), "--ckpt_path", "last", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+def test_resume_from_last_continues_the_global_step_and_the_curves(corpus, tmp_path, capsys):
+    main(["fit", *tiny(corpus, max_steps=2)])
+    main(["fit", *tiny(corpus, max_steps=4), "--ckpt_path", "last"])
     ckpts = tmp_path / "checkpoints/gpt-cpu-plays/version_0"
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 4
     assert not list(ckpts.glob("last-v*.ckpt"))  # the resumed run updates last.ckpt rather than starting a new one
     assert len(list(ckpts.glob("step*-val*.ckpt"))) == 1  # and still keeps one best checkpoint
     assert [p.name for p in (tmp_path / "logs/gpt-cpu-plays").iterdir()] == ["version_0"]  # the curves go on in place
     assert [step for step, _ in scalars(tmp_path / "logs/gpt-cpu-plays/version_0")["train/loss"]] == [0, 1, 2, 3]
-    assert "charlm: resuming with settings other" not in result.stderr  # the same settings: nothing to say
+    assert "charlm: resuming with settings other" not in capsys.readouterr().err  # the same settings: nothing to say
     changed = ["--model.lr", "0.005", "--data.batch_size", "16", "--seed_everything", "7"]
-    result = charlm("fit", *tiny(corpus, max_steps=6), "--ckpt_path", "last", *changed, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    main(["fit", *tiny(corpus, max_steps=6), "--ckpt_path", "last", *changed])
     assert (
         "charlm: resuming with settings other than the checkpoint's: --data.batch_size 16 (was 64), "
         "--seed_everything 7 (was 1337), --model.lr 0.005 (was 0.01); the run goes on, not as it would have gone"
-    ) in result.stderr
+    ) in capsys.readouterr().err
 
 
 def test_validate_prints_the_same_exact_val_loss_twice_and_adds_no_run(trained, corpus, capsys, monkeypatch):
@@ -163,9 +161,9 @@ def test_validate_without_a_checkpoint_is_refused(corpus, tmp_path):
 
 
 def test_resume_from_last_without_a_checkpoint_is_an_error_naming_the_folder(corpus, tmp_path):
-    result = charlm("fit", *tiny(corpus), "--ckpt_path", "last", cwd=tmp_path)
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1] == (
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *tiny(corpus), "--ckpt_path", "last"])
+    assert exit_info.value.code == (
         f"charlm: error: --ckpt_path last: no last.ckpt in {tmp_path}/checkpoints/gpt-cpu-plays/: train first, or "
         "pass a file"
     )
@@ -397,14 +395,16 @@ def test_attention_bad_input_is_one_line_error_and_keeps_the_old_picture(trained
     assert not list(cwd.glob(".saving-*")) and not list((cwd / "folder.png").iterdir())
 
 
-def test_generate_streams_text_from_the_last_checkpoint_to_stdout_only(trained):
+def test_generate_streams_text_from_the_last_checkpoint_to_stdout_only(trained, capsys, monkeypatch):
     cwd, *_ = trained
+    monkeypatch.chdir(cwd)
     args = ["generate", "--ckpt_path", "last", "--prompt", "ROMEO:", "--max_new_tokens", "50"]
-    result = charlm(*args, cwd=cwd)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("ROMEO:") and len(result.stdout) == len("ROMEO:") + 50 + 1
-    assert "checkpoints/gpt-cpu-plays/version_0/last.ckpt" in result.stderr  # diagnostics go to stderr
-    assert charlm(*args, cwd=cwd).stdout == result.stdout  # same seed, same text
+    main(args)
+    out, err = capsys.readouterr()
+    assert out.startswith("ROMEO:") and len(out) == len("ROMEO:") + 50 + 1
+    assert "checkpoints/gpt-cpu-plays/version_0/last.ckpt" in err  # diagnostics go to stderr
+    main(args)
+    assert capsys.readouterr().out == out  # same seed, same text
 
 
 def test_generate_separates_samples_and_honours_the_seed(trained, capsys, monkeypatch):

@@ -10,6 +10,8 @@ import pytest
 import torch
 from conftest import ROOT, charlm, scalars, tiny, wait_for_new_save
 
+from charlm.__main__ import main
+
 STEPS = 12
 # block size 31: the validation split then has an odd number of windows, which two ranks cannot share evenly
 BLOCK = ["--data.block_size", "31"]
@@ -58,13 +60,14 @@ def test_checkpoints_logs_and_samples_are_written_once(ddp_run):
     assert torch.load(cwd / "checkpoints/gpt-cpu-plays/version_0/last.ckpt", weights_only=True)["global_step"] == STEPS
 
 
-def test_the_ddp_val_loss_is_the_exact_single_process_val_loss(ddp_run, corpus):
+def test_the_ddp_val_loss_is_the_exact_single_process_val_loss(ddp_run, corpus, capsys, monkeypatch):
     cwd, _ = ddp_run
+    monkeypatch.chdir(cwd)
     ddp_loss = scalars(cwd / "logs/gpt-cpu-plays/version_0")["val/loss"][-1]
     assert ddp_loss[0] == STEPS - 1  # logged at the last step (Lightning counts from 0)
-    result = charlm("validate", *tiny(corpus), *BLOCK, "--ckpt_path", "last", "--verbose", "true", cwd=cwd)
-    assert result.returncode == 0, result.stderr
-    single = float(re.search(r"val/loss\s*│\s*([0-9.]+)", result.stdout).group(1))  # Lightning's table: every digit
+    capsys.readouterr()
+    main(["validate", *tiny(corpus), *BLOCK, "--ckpt_path", "last", "--verbose", "true"])
+    single = float(re.search(r"val/loss\s*│\s*([0-9.]+)", capsys.readouterr().out).group(1))  # every digit
     assert ddp_loss[1] == pytest.approx(single, rel=1e-6)
 
 

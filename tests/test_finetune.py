@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 import yaml
-from conftest import ROOT, charlm, scalars, tiny
+from conftest import ROOT, scalars, tiny
 
 from charlm import checkpoints
 from charlm.__main__ import main
@@ -49,15 +49,15 @@ def fine_tune(pretrained, mine, *extra) -> list[str]:
 
 
 def test_init_from_starts_a_new_run_at_step_0_with_the_checkpoints_net(pretrained, mine, corpus, tmp_path, capsys):
-    result = charlm(*fine_tune(pretrained, mine), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    main(fine_tune(pretrained, mine))
+    err = capsys.readouterr().err
     chars = "".join(sorted(set(mine.read_text())))
     new = sorted(set(chars) - set(corpus.read_text()))
     assert new == ["(", ")", "1", "2", "4", "5", "9", "{", "}", "é"]
     assert (
         f"charlm: starting from {pretrained}/last.ckpt (step 4): {len(new)} of this text's {len(chars)} characters "
         f"are new to it and start untrained: {' '.join(new)}\n"
-    ) in result.stderr
+    ) in err
     ckpts, logs = tmp_path / "checkpoints/default-notes/version_0", tmp_path / "logs/default-notes/version_0"
     ckpt = torch.load(ckpts / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 6  # its own steps, not the checkpoint's 4 and more
