@@ -157,7 +157,8 @@ def settings(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
     """What sets one run apart from another, flat, for TensorBoard's HPARAMS."""
     dm, hparams = trainer.datamodule, pl_module.hparams
     net = {k: v for k, v in pl_module.net.config.items() if isinstance(v, int | float | str | bool)}
-    optimizer = {k: hparams[k] for k in ("lr", "min_lr", "warmup_steps", "weight_decay", "beta2")}
+    keys = ("optimizer", "lr", "min_lr", "warmup_steps", "weight_decay", "beta2", "muon_lr", "muon_weight_decay")
+    optimizer = {k: hparams[k] for k in keys}
     return {
         "net": type(pl_module.net).__name__,
         **net,

@@ -168,15 +168,24 @@ def check_fits(ckpt: dict, path: Path, fn: str, trainer: L.Trainer, model, datam
     saved = ckpt.get("callbacks", {})
     template["callbacks"] = {c.state_key: c.state_dict() for c in trainer.callbacks if c.state_key in saved}
     if fn == "fit":
-        groups = model.param_groups()
-        optimizer = torch.optim.AdamW(groups)
+        trained_with, now = ckpt["hyper_parameters"].get("optimizer", "adamw"), model.hparams.optimizer
+        if trained_with != now:
+            raise ValueError(
+                f"--ckpt_path {path} was trained with --model.optimizer {str(trained_with)[:20]}, this run's is {now}: "
+                "resume with the optimizer it was trained with, or start from its weights with --model.init_from"
+            )
+        optimizer = model.make_optimizer()
         template["optimizer_states"] = [optimizer.state_dict()]
         template["lr_schedulers"] = [torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0).state_dict()]
         template["rng_states"] = {"torch": torch.get_rng_state(), "cuda": []}
     try:
         same_layout(ckpt, template, "")
         if fn == "fit":
-            check_optimizer(ckpt["optimizer_states"], [p for g in groups for p in g["params"]])
+            (saved,) = ckpt["optimizer_states"]
+            parts = getattr(optimizer, "parts", None) or {None: optimizer}  # MuonAndAdamW saves each part's state
+            for name, part in parts.items():
+                params = [p for g in part.param_groups for p in g["params"]]
+                check_optimizer(saved if name is None else saved[name], params)
             check_rng(ckpt["rng_states"])
     except ValueError as e:
         raise ValueError(f"--ckpt_path {path} cannot be resumed ({e}): pass a .ckpt file charlm saved") from None
@@ -191,7 +200,7 @@ def changed_settings(ckpt: dict, model, datamodule) -> list[str]:
         "--data.batch_size": (stream.get("batch_size"), datamodule.batch_size),
         "--seed_everything": (stream.get("seed"), torch.initial_seed()),
     }
-    for key in ("lr", "min_lr", "warmup_steps", "weight_decay", "beta2"):
+    for key in ("lr", "min_lr", "warmup_steps", "weight_decay", "beta2", "muon_lr", "muon_weight_decay"):
         pairs[f"--model.{key}"] = (ckpt["hyper_parameters"].get(key), model.hparams[key])
     return [
         f"{flag} {now} (was {then})"
@@ -200,15 +209,15 @@ def changed_settings(ckpt: dict, model, datamodule) -> list[str]:
     ]
 
 
-def check_optimizer(states: list[dict], params: list[torch.Tensor]) -> None:
-    """Each AdamW moment has the shape of the parameter it belongs to, indexed as AdamW numbers them."""
-    for state in states:
-        for index, moments in state["state"].items():
-            if not (isinstance(index, int) and 0 <= index < len(params)):
-                raise ValueError(f"its optimizer state names parameter {str(index)[:40]!r} of {len(params)}")
-            for name, moment in expect(moments, dict, "optimizer state").items():
-                if expect(moment, torch.Tensor, f"optimizer {name}").dim() and moment.shape != params[index].shape:
-                    raise ValueError(f"its optimizer {name} of parameter {index} is {list(moment.shape)}")
+def check_optimizer(state: dict, params: list[torch.Tensor]) -> None:
+    """Each moment (AdamW's, Muon's momentum) has the shape of the parameter it belongs to, indexed as the optimizer
+    numbers them."""
+    for index, moments in state["state"].items():
+        if not (isinstance(index, int) and 0 <= index < len(params)):
+            raise ValueError(f"its optimizer state names parameter {str(index)[:40]!r} of {len(params)}")
+        for name, moment in expect(moments, dict, "optimizer state").items():
+            if expect(moment, torch.Tensor, f"optimizer {name}").dim() and moment.shape != params[index].shape:
+                raise ValueError(f"its optimizer {name} of parameter {index} is {list(moment.shape)}")
 
 
 def check_rng(rng: dict) -> None:

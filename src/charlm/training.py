@@ -1,6 +1,7 @@
 """The LightningModule: loss, logging, the optimizer and the learning-rate schedule around an injected net."""
 
 import math
+from typing import Literal
 
 import lightning as L
 import torch
@@ -22,6 +23,10 @@ class CharLM(L.LightningModule):
         weight_decay: AdamW weight decay, applied to matrices only (not to biases or norms).
         beta2: AdamW's second-moment decay; 0.95 suits short runs, 0.99 small batches over long ones (nanoGPT).
         compile: run the net's training and validation passes through `torch.compile` (generation stays eager).
+        optimizer: adamw for every weight, or muon: torch's Muon (momentum orthogonalized by Newton-Schulz) for the
+            blocks' weight matrices and AdamW (lr, weight_decay, beta2 above) for the embeddings, norms and biases.
+        muon_lr: Muon's peak learning rate (the public speedruns start at 0.02); the schedule scales it with lr's.
+        muon_weight_decay: Muon's weight decay (the public speedruns use none).
         init_from: fine-tune: a charlm checkpoint (a file, a folder, last or best, as for generate) whose weights the
             net starts from, in a new run at step 0 with a fresh optimizer and schedule. `fit` takes the net's class,
             sizes and tokenizer from it and loads its weights (`checkpoints.start_from`); the hparams record the file.
@@ -37,6 +42,9 @@ class CharLM(L.LightningModule):
         beta2: float = 0.95,
         compile: bool = False,
         init_from: str | None = None,
+        optimizer: Literal["adamw", "muon"] = "adamw",
+        muon_lr: float = 0.02,
+        muon_weight_decay: float = 0.0,
     ):
         super().__init__()
         if not isinstance(net, Net):
@@ -51,6 +59,14 @@ class CharLM(L.LightningModule):
             raise ValueError(f"--model.weight_decay {weight_decay} must be >= 0 (0 turns it off)")
         if not 0 <= beta2 < 1:
             raise ValueError(f"--model.beta2 {beta2} must be in [0, 1), e.g. 0.95 or 0.99")
+        if optimizer not in ("adamw", "muon"):
+            raise ValueError(f"--model.optimizer {optimizer!r} is not one of adamw, muon")
+        if not muon_lr > 0 or not muon_weight_decay >= 0:
+            raise ValueError(
+                f"--model.muon_lr {muon_lr} must be > 0 and --model.muon_weight_decay {muon_weight_decay} >= 0"
+            )
+        if optimizer == "muon" and not muon_matrices(net):
+            raise ValueError(f"--model.optimizer muon: a {type(net).__name__} has no hidden weight matrices: use adamw")
         self.net = net
         # the net's forward, not the LightningModule (which logs) nor the net as a module (generation's one-position
         # cached steps would each need a new graph); the parameter names stay, so checkpoints load either way
@@ -114,18 +130,28 @@ class CharLM(L.LightningModule):
         self.log(f"{split}/bpc", loss / math.log(2), sync_dist=True)
         self.log(f"{split}/tokens", tokens, sync_dist=True)
 
-    def param_groups(self) -> list[dict]:
+    def param_groups(self, exclude: set[torch.Tensor] | None = None) -> list[dict]:
         """AdamW's parameter groups: weight decay on matrices and embeddings, none on biases and norm gains."""
-        decay = [p for p in self.net.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.net.parameters() if p.dim() < 2]
+        params = [p for p in self.net.parameters() if exclude is None or p not in exclude]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
         return [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
-    def configure_optimizers(self):
-        check_max_steps(self.trainer.max_steps)
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW, or Muon and AdamW as one optimizer (`--model.optimizer`); the schedule is configure_optimizers'."""
         # fused: one kernel for the whole update, faster than the default loop over tensors
         fused = self.device.type in ("cpu", "cuda")
         betas = (0.9, self.hparams.beta2)
-        optimizer = torch.optim.AdamW(self.param_groups(), lr=self.hparams.lr, betas=betas, fused=fused)
+        if self.hparams.optimizer == "adamw":
+            return torch.optim.AdamW(self.param_groups(), lr=self.hparams.lr, betas=betas, fused=fused)
+        matrices = muon_matrices(self.net)
+        adamw = torch.optim.AdamW(self.param_groups(set(matrices)), lr=self.hparams.lr, betas=betas, fused=fused)
+        muon = torch.optim.Muon(matrices, lr=self.hparams.muon_lr, weight_decay=self.hparams.muon_weight_decay)
+        return MuonAndAdamW(adamw, muon)
+
+    def configure_optimizers(self):
+        check_max_steps(self.trainer.max_steps)
+        optimizer = self.make_optimizer()
         warmup, total = self.hparams.warmup_steps, self.trainer.max_steps
         floor = self.hparams.min_lr / self.hparams.lr
 
@@ -138,6 +164,45 @@ class CharLM(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def muon_matrices(net: Net) -> list[torch.Tensor]:
+    """The weights Muon updates: the transformer blocks' matrices (not the embeddings or the tied head)."""
+    return [p for name, p in net.named_parameters() if name.startswith("h.") and p.dim() == 2]
+
+
+class MuonAndAdamW(torch.optim.Optimizer):
+    """Muon and AdamW as one optimizer, as Lightning's automatic optimization needs: its param_groups are the two
+    optimizers' own groups (AdamW's first: `train/lr` stays AdamW's), so the schedule, gradient clipping and
+    checkpoints see every parameter."""
+
+    def __init__(self, adamw: torch.optim.AdamW, muon: torch.optim.Muon):
+        super().__init__([p for part in (adamw, muon) for g in part.param_groups for p in g["params"]], {})
+        self.parts = {"adamw": adamw, "muon": muon}
+        self.param_groups = [*adamw.param_groups, *muon.param_groups]  # the same dicts: the schedule sets both lrs
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for part in self.parts.values():
+            part.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts.values():
+            part.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for name, part in self.parts.items():
+            part.load_state_dict(state_dict[name])
+        # torch's load_state_dict makes new group dicts: share those, or the schedule would set lrs nobody reads
+        self.param_groups = [*self.parts["adamw"].param_groups, *self.parts["muon"].param_groups]
 
 
 def check_max_steps(max_steps: int) -> None:

@@ -1,0 +1,62 @@
+"""--model.optimizer muon: torch's Muon on the blocks' matrices and AdamW on the rest, as one optimizer that
+Lightning's automatic optimization, the schedule, checkpoints and exact resume treat like AdamW."""
+
+import pytest
+import torch
+from conftest import tiny
+
+from charlm.__main__ import main
+from charlm.models import GPT, Bigram
+from charlm.training import CharLM, MuonAndAdamW
+
+MUON = ["--model.optimizer", "muon", "--model.net.init_args.dropout", "0.1", "--generation.max_new_tokens", "0"]
+LAST = "checkpoints/gpt-cpu-plays/version_0/last.ckpt"
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = CharLM(GPT(vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=16), optimizer="muon")
+    optimizer = model.make_optimizer()
+    muon = {id(p) for g in optimizer.parts["muon"].param_groups for p in g["params"]}
+    named = dict(model.net.named_parameters())
+    assert {name for name, p in named.items() if id(p) in muon} == {
+        f"h.{i}.{m}.weight" for i in (0, 1) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
+    adamw = {id(p) for g in optimizer.parts["adamw"].param_groups for p in g["params"]}
+    assert not muon & adamw and len(muon | adamw) == len(named)  # every weight once (wte and the head are one)
+    assert optimizer.param_groups[0]["lr"] == 1e-2 and optimizer.param_groups[-1]["lr"] == 0.02
+    with pytest.raises(ValueError, match="a Bigram has no hidden weight matrices: use adamw"):
+        CharLM(Bigram(20), optimizer="muon")
+
+
+def test_muon_trains_resumes_exactly_and_a_checkpoint_of_one_optimizer_is_refused_by_the_other(
+    corpus, tmp_path, monkeypatch
+):
+    flags = ["fit", *tiny(corpus, max_steps=6), *MUON]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    for cwd in (straight, stopped):
+        cwd.mkdir()
+    monkeypatch.chdir(straight)
+    main(flags)
+    ckpt = torch.load(straight / LAST, weights_only=True)
+    assert isinstance(ckpt["optimizer_states"][0]["muon"]["state"][0]["momentum_buffer"], torch.Tensor)
+    assert ckpt["lr_schedulers"][0]["base_lrs"] == [1e-2, 1e-2, 0.02]  # one schedule over both optimizers' groups
+    monkeypatch.chdir(stopped)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*flags, "--trainer.callbacks+=probes.InterruptAt"])  # SIGINT after step 3
+    assert exit_info.value.code == 130
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *tiny(corpus, max_steps=6), "--ckpt_path", "last"])  # AdamW, from a Muon checkpoint
+    assert str(exit_info.value.code).endswith(
+        "was trained with --model.optimizer muon, this run's is adamw: resume with the optimizer it was trained with, "
+        "or start from its weights with --model.init_from"
+    )
+    main([*flags, "--ckpt_path", "last"])
+    a, b = (torch.load(cwd / LAST, weights_only=True) for cwd in (straight, stopped))
+    assert a["global_step"] == b["global_step"] == 6
+    assert all(torch.equal(a["state_dict"][name], b["state_dict"][name]) for name in a["state_dict"])  # bitwise
+    monkeypatch.chdir(tmp_path)
+    main(["fit", *tiny(corpus, max_steps=2)])
+    with pytest.raises(SystemExit) as exit_info:
+        main([*flags, "--ckpt_path", "last"])  # Muon, from an AdamW checkpoint
+    assert "was trained with --model.optimizer adamw, this run's is muon" in str(exit_info.value.code)
+    assert isinstance(CharLM(GPT(), optimizer="muon").make_optimizer(), MuonAndAdamW)
