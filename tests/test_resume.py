@@ -253,6 +253,7 @@ def test_a_symlinked_lock_is_refused_and_its_target_is_left_alone(corpus, tmp_pa
 def test_two_runs_cannot_write_into_one_checkpoint_folder(corpus, tmp_path):
     first = start(corpus, tmp_path, "--trainer.max_steps", "100000")
     wait_for_new_save(first, tmp_path / "checkpoints/gpt-cpu-plays/version_0")
+    live_log = sorted((tmp_path / "logs/gpt-cpu-plays/version_0").iterdir())
     second = subprocess.run(
         [sys.executable, "-m", "charlm", "fit", *flags(corpus), "--ckpt_path", "last"],
         cwd=tmp_path,
@@ -265,6 +266,7 @@ def test_two_runs_cannot_write_into_one_checkpoint_folder(corpus, tmp_path):
         f"charlm: error: {tmp_path}/checkpoints/gpt-cpu-plays/version_0/ is in use by another run (pid {first.pid}): "
         "wait for it to finish, or pass --checkpoint.dirpath with another folder"
     )
+    assert sorted((tmp_path / "logs/gpt-cpu-plays/version_0").iterdir()) == live_log  # no events file of its own
     first.send_signal(signal.SIGTERM)
     first.communicate(timeout=120)
     assert first.returncode == 143  # the first run went on undisturbed until it was told to stop

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from rich.console import Console
@@ -23,7 +24,7 @@ from rich.text import Text
 from charlm import checkpoints, runs
 from charlm.callbacks import AttentionCallback, GenerationCallback, Report, StepBar, StepLines, TrainingSpeed
 from charlm.data import CharDataModule
-from charlm.files import atomic_write
+from charlm.files import atomic_write, lock_folder
 from charlm.flags import Help, OneLineErrors
 from charlm.saving import ResumableCheckpoint
 from charlm.tokenizers import visible
@@ -59,6 +60,14 @@ class CharLMCLI(LightningCLI):
 
     def __init__(self, args: list[str], callbacks: Sequence[L.Callback] = ()):
         self.extra_callbacks = list(callbacks)
+        self.lock = None  # the run's checkpoint folder, held from before anything is written until the run ends
+        try:
+            self.start(args)
+        finally:
+            if self.lock is not None:
+                self.lock.close()
+
+    def start(self, args: list[str]) -> None:
         super().__init__(
             CharLM,
             CharDataModule,
@@ -225,6 +234,18 @@ class CharLMCLI(LightningCLI):
                 about = f"{len(new)} of this text's {self.datamodule.vocab_size} characters are new to it"
                 about += f" and start untrained{shown}"
             print(f"charlm: starting from {path} (step {self.init_ckpt['global_step']}): {about}", file=sys.stderr)
+        if self.subcommand == "fit" and rank_zero_only.rank == 0:  # the run is accepted: nothing above writes
+            self.hold_folder(Path(self.config["fit"]["checkpoint"]["dirpath"]).absolute())
+
+    def hold_folder(self, folder: Path) -> None:
+        """Lock the run's checkpoint folder, and refuse a fresh run into one that holds checkpoints, once the run is
+        accepted and before its logger writes anything (a refused run would leave events in a live run's log)."""
+        self.lock = lock_folder(folder, "wait for it to finish, or pass --checkpoint.dirpath with another folder")
+        if self.ckpt is None and list(folder.glob("*.ckpt")):
+            raise FileExistsError(
+                f"{folder}/ already holds checkpoints of an earlier run: resume it with --ckpt_path last, or pass "
+                "--checkpoint.dirpath with a new folder"
+            )
 
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand]["trainer"]

@@ -14,7 +14,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from charlm.checkpoints import LAST
 from charlm.errors import Stopped, stop_now
-from charlm.files import atomic_write, lock_folder
+from charlm.files import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -46,8 +46,8 @@ class ResumableCheckpoint(ModelCheckpoint):
     ModelCheckpoint keeps the best checkpoints by `monitor`; `last.ckpt` is this class's, written after every
     validation, every `save_last_every_n_steps` optimizer steps and at the last step. On SIGINT (Ctrl-C) or SIGTERM
     the run finishes its current step, writes `last.ckpt` and exits with 128 + the signal number; a second Ctrl-C
-    stops at once, still without a half-written file. One run at a time writes into a folder (`lock_folder`), and a
-    fresh run into a folder that holds checkpoints is refused.
+    stops at once, still without a half-written file. (`charlm.cli` locks the folder for the run, and refuses a fresh
+    run into one that holds checkpoints.)
 
     Args:
         save_last_every_n_steps: refresh `last.ckpt` every this many optimizer steps.
@@ -64,24 +64,8 @@ class ResumableCheckpoint(ModelCheckpoint):
         self.last_saved_step = 0
         self.stop_signal: int | None = None
         self.saving_at_batch_start = False
-        self.lock = None  # the checkpoint folder's lock, held by the run that writes here
         self.previous_handlers: dict[int, object] = {}
         self.saved_rng_states: dict | None = None
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage == "fit" and trainer.is_global_zero:
-            busy = "wait for it to finish, or pass --checkpoint.dirpath with another folder"
-            self.lock = lock_folder(Path(self.dirpath), busy)  # released when the run ends, however it ends
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # here trainer.ckpt_path says whether this run resumes: it is set when the checkpoint is restored, after setup
-        folder = Path(self.dirpath)
-        if trainer.ckpt_path is None and list(folder.glob("*.ckpt")):
-            raise FileExistsError(
-                f"{folder.resolve()}/ already holds checkpoints of an earlier run: resume it with --ckpt_path last, "
-                "or pass --checkpoint.dirpath with a new folder"
-            )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # the generators are restored here, after the sanity check and all else that runs between loading and training
@@ -170,10 +154,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         self.release()
 
     def release(self) -> None:
-        """Give back the signal handlers and the folder's lock."""
+        """Give back the signal handlers."""
         for signum, handler in self.previous_handlers.items():
             signal.signal(signum, handler)
         self.previous_handlers = {}
-        if self.lock is not None:
-            self.lock.close()
-            self.lock = None
