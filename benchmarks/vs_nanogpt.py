@@ -1,0 +1,104 @@
+"""charlm against nanoGPT itself on a CPU, back to back on one machine: wall seconds from process start to val loss
+1.88, and charlm's best exact val loss within the wall time nanoGPT's run took.
+
+Rows, each a fresh process, one after the other:
+1. nanoGPT with its README's CPU command (a checkout given by --nanogpt, copied to a temporary folder with the text
+   as its data/shakespeare_char/input.txt and prepared there); its time to 1.88 is its own estimate's (20 batches),
+   or where that ends just above (1.8857, "a loss of only 1.88" in its README), the end of its run;
+2. charlm's default recipe, `python -m charlm fit` (exact validation over the whole validation split);
+3. the default with `--model.optimizer muon`;
+4. the default stretched to nanoGPT's wall time: --trainer.max_steps from row 2's speed, so its whole schedule,
+   startup and validations included, ends inside that time.
+
+    python benchmarks/vs_nanogpt.py --nanogpt PATH/TO/nanoGPT --data.path PATH/TO/tinyshakespeare/input.txt
+"""
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGET = 1.88
+NANOGPT_CPU = [  # nanoGPT's README, "I only have a macbook" (and any other CPU)
+    "config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1",
+    "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
+    "--lr_decay_iters=2000", "--dropout=0.0",
+]  # fmt: skip
+HERE = Path(__file__).parent
+
+
+def nanogpt(checkout: Path, text: Path) -> tuple[float | None, float, float]:
+    """(seconds to val loss <= TARGET or None, the final val loss, the whole run's seconds) of nanoGPT's CPU run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp, "nanoGPT")
+        shutil.copytree(checkout, copy, ignore=shutil.ignore_patterns(".git", "out-*"))
+        shutil.copy(text, copy / "data/shakespeare_char/input.txt")  # prepare.py downloads it otherwise
+        subprocess.run([sys.executable, "data/shakespeare_char/prepare.py"], cwd=copy, check=True, capture_output=True)
+        start, reached, last = time.time(), None, float("nan")
+        process = subprocess.Popen(
+            [sys.executable, "train.py", *NANOGPT_CPU],
+            cwd=copy,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for line in process.stdout:
+            found = re.match(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)", line)
+            if found:
+                last = float(found.group(2))
+                print(
+                    f"  nanoGPT step {found.group(1)}: val loss {last:.4f} at {time.time() - start:.1f} s", flush=True
+                )
+                if reached is None and last <= TARGET:
+                    reached = time.time() - start
+        if process.wait():
+            raise SystemExit(f"nanoGPT's run failed (exit {process.returncode})")
+        if reached is None and last < TARGET + 0.01:  # its README's "a loss of only 1.88": its last estimate
+            reached = time.time() - start
+        return reached, last, time.time() - start
+
+
+def charlm(text: Path, *flags: str) -> tuple[float | None, float, float]:
+    """The same three numbers for `python -m charlm fit`, from time_to_loss.py (exact validation; the clock starts
+    with the process)."""
+    command = [sys.executable, str(HERE / "time_to_loss.py"), "--config", str(HERE.parent / "configs/gpt-cpu.yaml")]
+    result = subprocess.run(
+        [*command, "--target", str(TARGET), "--data.path", str(text), *flags], capture_output=True, text=True
+    )
+    if result.returncode:
+        raise SystemExit(f"charlm's run failed: {result.stderr.strip().splitlines()[-1]}")
+    reached = re.search(r"reached val/loss <= [\d.]+ at step \d+, ([\d.]+) s after process start", result.stdout)
+    final = float(re.search(r"final val/loss ([\d.]+)", result.stdout).group(1))
+    total = float(re.search(r"total ([\d.]+) s", result.stdout).group(1))
+    return (float(reached.group(1)) if reached else None), final, total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nanogpt", type=Path, required=True, help="a checkout of karpathy/nanoGPT")
+    parser.add_argument("--data.path", dest="text", type=Path, required=True, help="tiny-shakespeare's input.txt")
+    args = parser.parse_args()
+    rows = {"nanoGPT, its README's CPU command": nanogpt(args.nanogpt, args.text.resolve())}
+    rows["charlm fit (the default recipe)"] = default = charlm(args.text)
+    rows["charlm fit --model.optimizer muon"] = charlm(args.text, "--model.optimizer", "muon")
+    budget = rows["nanoGPT, its README's CPU command"][2]
+    startup = 8.0  # seconds of a charlm run that are not training steps: imports, validations, samples (about)
+    # the default's 700 steps took default[2] s; 5% to spare for the machine's drift
+    steps = int(0.95 * 700 * (budget - startup) / (default[2] - startup))
+    name = f"charlm fit --trainer.max_steps {steps} (to fit nanoGPT's {budget:.0f} s)"
+    rows[name] = charlm(args.text, "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps // 4))
+    print(f"\n| run | seconds to val loss {TARGET} | final val loss | seconds in all |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, (reached, final, total) in rows.items():
+        print(f"| {name} | {'not reached' if reached is None else f'{reached:.1f}'} | {final:.4f} | {total:.1f} |")
+    nano = rows["nanoGPT, its README's CPU command"][0]
+    if nano and default[0]:
+        print(f"\nthe default reached {TARGET} {nano / default[0]:.1f}x sooner than nanoGPT")
+
+
+if __name__ == "__main__":
+    main()
