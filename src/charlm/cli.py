@@ -38,8 +38,8 @@ class ArgumentParser(OneLineErrors, LightningArgumentParser):
 
 
 class SaveConfigAtTrainStart(SaveConfigCallback):
-    """Write a fit's config.yaml into its log folder, whole (`atomic_write`), once training starts: after
-    ResumableCheckpoint has locked and checked its folder, so a refused run overwrites no other run's config.yaml.
+    """Write a fit's config.yaml into its log folder, whole (`atomic_write`), once training starts: after the run's
+    checkpoint folder is locked and checked, so a refused run overwrites no other run's config.yaml.
     validate and test add no run, and a fit without a logger has no folder of its own: they write none (Lightning's
     would write one into the current folder)."""
 
