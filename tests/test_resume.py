@@ -184,6 +184,10 @@ def test_ctrl_c_in_generate_and_a_closed_pipe_stop_quietly(corpus, tmp_path, mon
     assert process.returncode == 130 and err.strip().splitlines()[-1] == "charlm: SIGINT received: stopped"
     piped = subprocess.run(f"{shlex.join(sample)} | head -c 100", shell=True, cwd=tmp_path, capture_output=True)
     assert len(piped.stdout) == 100 and b"error" not in piped.stderr and b"Traceback" not in piped.stderr
+    closed = subprocess.run(f"{shlex.join(sample)} >&-", shell=True, cwd=tmp_path, capture_output=True, text=True)
+    assert closed.returncode == 1 and closed.stderr.strip() == (
+        "charlm: error: stdout is closed, and generate writes the text there: send it to a file or a pipe"
+    )
 
 
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(corpus, tmp_path, small_disk):

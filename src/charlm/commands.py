@@ -71,6 +71,8 @@ def generate(
 
     from charlm import sampling
 
+    if sys.stdout is None:  # started with stdout closed (generate >&-): Python has no stream to write the text to
+        raise OSError("stdout is closed, and generate writes the text there: send it to a file or a pipe")
     path, net, tokenizer, device, prompt = load(ckpt_path, prompt, prompt_file, device, unknown)
     print(f"charlm: sampling from {path} on {device}", file=sys.stderr)
     generator = torch.Generator(device=device).manual_seed(seed)
