@@ -171,7 +171,7 @@ def test_resume_from_last_without_a_checkpoint_is_an_error_naming_the_folder(cor
 
 
 def files_and_contents(folder) -> dict:
-    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != ".lock"}
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != ".charlm-lock"}
 
 
 @pytest.mark.parametrize(
@@ -598,7 +598,12 @@ def test_no_command_overwrites_a_users_file_at_a_name_charlm_writes(trained, cor
     ckpt = ["--ckpt_path", "checkpoints/gpt-cpu-plays/version_0/last.ckpt"]
     main(["validate", *tiny(corpus), *ckpt])
     main(["test", *tiny(corpus), *ckpt])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine/.lock").write_text("my lock\n")  # names a user may have there: not charlm's own
+    (tmp_path / "mine/.saving-notes").write_text("my notes\n")
     main(["fit", *tiny(corpus, max_steps=2), "--trainer.logger", "false", "--checkpoint.dirpath", "mine"])
+    assert (tmp_path / "mine/.lock").read_text() == "my lock\n"
+    assert (tmp_path / "mine/.saving-notes").read_text() == "my notes\n"
     with pytest.raises(SystemExit) as exit_info:
         main(["attention", *ckpt, "--prompt", "ROMEO:"])
     assert str(exit_info.value.code) == (

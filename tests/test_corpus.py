@@ -80,7 +80,7 @@ def test_two_runs_preparing_the_same_text_at_once_share_one_preparation(tmp_path
     assert [run.returncode for run in runs] == [0, 0], errors
     assert sum("charlm: preparing" in e for e in errors) == 1, errors
     [tokens] = prepared(tmp_path)
-    assert sorted(p.name for p in tokens.parent.iterdir()) == [".lock", "meta.json", "tokens.bin"]
+    assert sorted(p.name for p in tokens.parent.iterdir()) == [".charlm-lock", "meta.json", "tokens.bin"]
     chars = json.loads((tokens.parent / "meta.json").read_text())["chars"]
     ids = bytes.maketrans(chars.encode(), bytes(range(len(chars))))
     assert tokens.read_bytes() == text.encode().translate(ids)
@@ -99,7 +99,7 @@ def test_a_killed_preparation_is_never_used_and_the_next_run_prepares_again(tmp_
     [folder] = (tmp_path / "data/prepared").iterdir()
     assert not (folder / "meta.json").exists()
     dm = CharDataModule(str(tmp_path / "big.txt"), tokenizer="bytes")
-    assert sorted(p.name for p in folder.iterdir()) == [".lock", "meta.json", "tokens.bin"]
+    assert sorted(p.name for p in folder.iterdir()) == [".charlm-lock", "meta.json", "tokens.bin"]
     assert dm.train_data.tobytes() + dm.val_data.tobytes() == text.encode()
 
 
@@ -251,7 +251,7 @@ def test_a_text_that_changes_while_it_is_prepared_is_refused_and_nothing_is_kept
         done.set()
         writer.join()
     [folder] = (tmp_path / "data/prepared").iterdir()
-    assert [p.name for p in folder.iterdir()] == [".lock"]
+    assert [p.name for p in folder.iterdir()] == [".charlm-lock"]
     assert len(CharDataModule(str(tmp_path / "growing.txt")).train_data) > 0  # still now: prepared
 
 
@@ -261,7 +261,7 @@ def test_a_full_disk_while_preparing_is_one_line_and_leaves_no_partial_files(tmp
         CharDataModule(str(tmp_path / "big.txt"), cache_dir=str(small_disk))
     assert "the disk is full: preparing" in str(error.value) and "\n" not in str(error.value)
     [folder] = small_disk.iterdir()
-    assert [p.name for p in folder.iterdir()] == [".lock"]
+    assert [p.name for p in folder.iterdir()] == [".charlm-lock"]
     assert len(CharDataModule(str(tmp_path / "big.txt"), cache_dir=str(tmp_path / "roomy")).train_data) == 2_699_973
 
 

@@ -112,7 +112,7 @@ def test_a_bigram_keeps_the_entries_of_known_pairs_and_bytes_map_onto_themselves
 
 
 def files_and_contents(folder) -> dict:
-    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != ".lock"}
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != ".charlm-lock"}
 
 
 PRETRAINED = "<pretrained>"  # the pretrained run's folder, filled in by the test

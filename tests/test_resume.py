@@ -247,10 +247,10 @@ def test_a_symlinked_lock_is_refused_and_its_target_is_left_alone(corpus, tmp_pa
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text("my notes\n")
     (tmp_path / "mine").mkdir()
-    (tmp_path / "mine/.lock").symlink_to(tmp_path / "notes.txt")
+    (tmp_path / "mine/.charlm-lock").symlink_to(tmp_path / "notes.txt")
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *tiny(corpus), "--checkpoint.dirpath", "mine"])
-    assert "mine/.lock cannot be opened" in str(exit_info.value.code)
+    assert "mine/.charlm-lock cannot be opened" in str(exit_info.value.code)
     assert (tmp_path / "notes.txt").read_text() == "my notes\n"
 
 

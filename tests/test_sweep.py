@@ -205,11 +205,11 @@ def test_the_sweeps_storage_and_names_are_checked_and_a_users_files_left_alone(t
     assert "its storage nosuchdb://x cannot be used" in str(exit_info.value.code)
     (tmp_path / "sweeps/space/study.db").unlink()
     (tmp_path / "notes.txt").write_text("mine")
-    (tmp_path / "sweeps/space/.lock").unlink()
-    (tmp_path / "sweeps/space/.lock").symlink_to(tmp_path / "notes.txt")
+    (tmp_path / "sweeps/space/.charlm-lock").unlink()
+    (tmp_path / "sweeps/space/.charlm-lock").symlink_to(tmp_path / "notes.txt")
     with pytest.raises(SystemExit) as exit_info:
         main(command)
-    assert "sweeps/space/.lock cannot be opened" in str(exit_info.value.code)
+    assert "sweeps/space/.charlm-lock cannot be opened" in str(exit_info.value.code)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
@@ -236,3 +236,12 @@ def test_a_sweep_in_which_no_trial_completed_exits_1(text, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(sweep_command(tmp_path, text, n_trials=1, space=WITH_3_HEADS))
     assert str(exit_info.value.code).startswith("charlm: error: no trial of sweep space completed")
+
+
+def test_a_space_that_no_longer_matches_the_study_is_one_line(text, tmp_path):
+    main(sweep_command(tmp_path, text, n_trials=1))
+    changed = SPACE | {"model.lr": {"choices": [0.01, 0.03]}}  # a range before, a list of values now
+    with pytest.raises(SystemExit) as exit_info:
+        main(sweep_command(tmp_path, text, n_trials=2, space=changed))
+    assert str(exit_info.value.code).startswith(f"charlm: error: --space {tmp_path}/space.yaml no longer matches sweep")
+    assert str(exit_info.value.code).endswith("restore the space, or pass --study with a new name")

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 TEMP_PREFIX = ".saving-"  # never a .ckpt, .bin or .png name: a write cut short is never taken for a finished file
+LOCK = ".charlm-lock"  # not .lock: a name of charlm's own, which no user file of the folder has
 TEMP_NAME = re.compile(rf"{re.escape(TEMP_PREFIX)}\d+-")  # only charlm's own are ever removed
 
 
@@ -49,10 +50,10 @@ def lock_folder(folder: Path, busy: str | None = None):
     """
     folder.mkdir(parents=True, exist_ok=True)
     try:  # never through a symlink: the lock file is truncated below, and a link would empty its target
-        lock = os.fdopen(os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
+        lock = os.fdopen(os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
     except OSError as e:
         raise OSError(
-            f"{folder}/.lock cannot be opened ({e.strerror}; a symbolic link is never followed): remove it, charlm "
+            f"{folder}/{LOCK} cannot be opened ({e.strerror}; a symbolic link is never followed): remove it, charlm "
             "keeps its lock there"
         ) from None
     try:

@@ -288,7 +288,13 @@ def sweep(
             reap(the_study, rdb, local=storage is None)
             if sum(counted(t) for t in the_study.get_trials(deepcopy=False)) >= n_trials:
                 break
-            trial = the_study.ask(distributions)
+            try:
+                trial = the_study.ask(distributions)
+            except ValueError as e:  # a flag's distribution changed since the study's first trials
+                raise ValueError(
+                    f"--space {space} no longer matches sweep {name} ({e}): restore the space, or pass --study with a "
+                    "new name"
+                ) from None
             trial.set_user_attr("owner", owner())
         ahead = [t for t in the_study.get_trials(deepcopy=False) if t.number < trial.number and counted(t)]
         if len(ahead) >= n_trials:  # another worker asked for the last trial in the same moment
