@@ -210,9 +210,7 @@ def show(study, space: dict, top: int) -> None:
         table.add_column(column, justify="right")
     for trial in done[:top]:
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
-        params = [
-            f"{trial.params[k]:.3g}" if isinstance(trial.params[k], float) else str(trial.params[k]) for k in space
-        ]
+        params = [brief(trial.params[k]) for k in space]
         table.add_row(str(trial.number), f"{trial.value:.4f}", *params, f"{seconds:.1f}")
     Console().print(table)
     for trial in trials:
@@ -340,10 +338,14 @@ def sweep(
     print(f"charlm sweep: the best trial's config: {path} (python -m charlm fit --config {path})")
 
 
+def brief(value) -> str:
+    """A sampled value as the table and the trial lines show it: floats to 3 digits."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def values(params: dict) -> str:
-    """A trial's sampled flags by their last names, floats to 3 digits: `lr=0.0123 n_head=2`."""
-    shown = {k.rsplit(".", 1)[-1]: f"{v:.3g}" if isinstance(v, float) else v for k, v in params.items()}
-    return " ".join(f"{k}={v}" for k, v in shown.items())
+    """A trial's sampled flags by their last names: `lr=0.0123 n_head=2`."""
+    return " ".join(f"{k.rsplit('.', 1)[-1]}={brief(v)}" for k, v in params.items())
 
 
 def best_so_far(study) -> str:
