@@ -16,6 +16,7 @@ COMMANDS = {
     "generate": ("charlm.commands", "generate", "stream text from a trained checkpoint to stdout"),
     "attention": ("charlm.commands", "attention", "save a picture of a GPT checkpoint's attention over a text"),
     "data": ("charlm.data", "summary", "a first look at a corpus: its size, alphabet, most frequent characters, split"),
+    "serve": ("charlm.serve", "serve", "a playground in the browser: watch text stream in, see what the model weighed"),
     "sweep": ("charlm.sweep", "sweep", "search hyperparameters on Optuna: trials of fit, stopped early when worse"),
 }
 

@@ -16,7 +16,7 @@ from charlm.attention import MAX_CHARS, attention_picture
 from charlm.models import GPT
 from charlm.runs import RunLogger
 from charlm.sampling import generate
-from charlm.tokenizers import Tokenizer
+from charlm.tokenizers import Tokenizer, empty_prompt
 
 
 def shown(metrics: dict) -> dict[str, str]:
@@ -254,7 +254,7 @@ class GenerationCallback(L.Callback):
 
     def check_prompt(self, tokenizer: Tokenizer) -> None:
         if self.prompt is None:  # not the user's flag: a corpus without a newline gets a prompt it can encode
-            self.prompt = "\n" if not tokenizer.unknown("\n") else tokenizer.decode([0])
+            self.prompt = empty_prompt(tokenizer)
         check_prompt(self.prompt, tokenizer, "--generation.prompt")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

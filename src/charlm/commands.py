@@ -10,32 +10,49 @@ from typing import Literal
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt, restricted_number_type
 
 Probability = restricted_number_type("Probability", float, [(">", 0), ("<=", 1)])
-Device = Literal["auto", "cpu", "cuda"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
 DEFAULT_PICTURE = "attention.png"
 
 
 def load(ckpt_path: str, prompt: str, prompt_file: str | None, device: str, unknown: str):
     """The checkpoint's file, net and tokenizer, the device and the prompt that generate and attention are given."""
-    import torch
-
     from charlm import checkpoints
     from charlm.data import read_text
 
     if prompt and prompt_file:
         raise ValueError("--prompt and --prompt_file both given: pass one of them")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is available here: use --device cpu or auto")
+    device = pick_device(device)
     path = checkpoints.resolve(ckpt_path, Path("checkpoints"))
     net, tokenizer = checkpoints.load_net(path, device)
-    prompt = (read_text(Path(prompt_file), "--prompt_file") if prompt_file else prompt) or "\n"  # like a new speech
+    prompt = read_text(Path(prompt_file), "--prompt_file") if prompt_file else prompt
+    return path, net, tokenizer, device, usable_prompt(tokenizer, prompt, unknown, "pass --unknown skip")
+
+
+def pick_device(device: str) -> str:
+    """The device a model runs on: auto is a CUDA GPU, then Apple's MPS, then the CPU."""
+    import torch
+
+    here = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if device == "auto":
+        return next(name for name, available in here.items() if available)
+    if not here[device]:
+        what = "CUDA GPU" if device == "cuda" else "Apple MPS device"
+        raise ValueError(f"--device {device}: no {what} is available here: use --device cpu or auto")
+    return device
+
+
+def usable_prompt(tokenizer, prompt: str, unknown: str, skip: str) -> str:
+    """The prompt as the model reads it: without the characters the model never saw when `unknown` is skip (else
+    they are an error that says `skip` is the way round it), and `empty_prompt` when nothing is left."""
+    from charlm.tokenizers import empty_prompt
+
     missing = tokenizer.unknown(prompt)
     if missing and unknown == "error":
         raise ValueError(
             f"the prompt has characters {missing!r} that are not among the model's {tokenizer.vocab_size}: "
-            "change the prompt, or pass --unknown skip to drop them"
+            f"change the prompt, or {skip} to drop them"
         )
-    return path, net, tokenizer, device, "".join(c for c in prompt if c not in set(missing))
+    return "".join(c for c in prompt if c not in set(missing)) or empty_prompt(tokenizer)
 
 
 def generate(

@@ -22,19 +22,14 @@ from charlm.models import GPT, Net
 GENERATION_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def pick_next(
-    logits: torch.Tensor,
-    temperature: float,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
+def distribution(
+    logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None
 ) -> torch.Tensor:
-    """The next token ids (B, 1) from last-position logits (B, vocab_size); temperature 0 is greedy.
+    """The probabilities (B, vocab_size) that the next token is drawn from, for last-position logits (B, vocab_size)
+    and a temperature above 0.
 
     top_k keeps the k most likely tokens, top_p the smallest set whose probability reaches p; both may be given.
     """
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
     # the largest logit becomes 0 first, and the temperature at least float32's smallest: divided by a tiny
     # temperature the others go to -inf, never inf - inf or 0 / 0 = NaN
     temperature = max(temperature, torch.finfo(torch.float32).tiny)
@@ -47,7 +42,7 @@ def pick_next(
         drop_sorted = probs.cumsum(dim=-1) - probs >= top_p  # the more likely tokens already reach p
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+    return F.softmax(logits, dim=-1)
 
 
 @torch.inference_mode()
@@ -60,10 +55,13 @@ def generate(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
-) -> Iterator[torch.Tensor]:
+    with_probs: bool = False,
+) -> Iterator[torch.Tensor] | Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield `max_new_tokens` next-token ids (B, 1), one at a time, continuing idx (B, T).
 
-    With use_cache (the default) the GPT computes one new position per step from its KV cache.
+    With use_cache (the default) the GPT computes one new position per step from its KV cache. With with_probs,
+    yield (ids, probabilities (B, vocab_size)): the distribution each id was drawn from (for temperature 0, greedy,
+    the model's own, whose most likely token it took).
     """
     block_size = net.block_size
     cached = use_cache and isinstance(net, GPT)
@@ -74,8 +72,13 @@ def generate(
         try:
             logits = net(window)[0][:, -1]
             for _ in range(max_new_tokens):
-                next_id = pick_next(logits, temperature, top_k, top_p, generator)
-                yield next_id
+                if temperature == 0:  # greedy
+                    next_id = logits.argmax(dim=-1, keepdim=True)
+                    probs = F.softmax(logits.float(), dim=-1) if with_probs else None
+                else:
+                    probs = distribution(logits, temperature, top_k, top_p)
+                    next_id = torch.multinomial(probs, 1, generator=generator)
+                yield (next_id, probs) if with_probs else next_id
                 window = torch.cat((window, next_id), dim=1)
                 if not cached:
                     window = window[:, -block_size:]

@@ -110,6 +110,12 @@ def labels(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
     return out
 
 
+def empty_prompt(tokenizer: Tokenizer) -> str:
+    """What a sample starts from when given no prompt: a newline, like a new speech, or the vocabulary's first
+    character for a text without newlines."""
+    return "\n" if not tokenizer.unknown("\n") else tokenizer.decode([0])
+
+
 def tokenizer_from_state(state) -> Tokenizer:
     """The tokenizer a checkpoint describes (checkpoints from before the byte tokenizer hold only "chars").
 

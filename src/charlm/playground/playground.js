@@ -1,0 +1,324 @@
+// The playground page: talks to charlm serve's API (/api/runs, /api/generate, /api/attention); no libraries.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  runs: [],        // GET /api/runs
+  run: null,       // the picked run's name
+  tokens: [],      // {id, text, prompt, p, top} for every token shown, prompt first
+  controller: null,  // aborts the generation in flight
+  picked: null,    // index of the clicked token
+  attention: null, // the last /api/attention answer, for the picked token
+  layer: 0, head: "mean",
+};
+
+function runOf(name) { return state.runs.find((r) => r.name === name); }
+
+function describe(run) {
+  if (run.error) return `${run.name}: cannot be read`;
+  const parts = [run.name];
+  if (run.step !== null) parts.push(`step ${run.step}`);
+  if (run.val_loss !== null) parts.push(`val ${run.val_loss.toFixed(4)}`);
+  parts.push(`${run.net}, ${run.tokenizer} (${run.vocab_size})`, `${(run.parameters / 1e6).toFixed(2)}M`);
+  return parts.join(" · ");
+}
+
+async function loadRuns() {
+  const answer = await fetch("/api/runs").then((r) => r.json());
+  state.runs = answer.runs;
+  $("device").textContent = `on ${answer.device}`;
+  $("prompt").maxLength = answer.limits.max_prompt;
+  $("max_new_tokens").max = answer.limits.max_new_tokens;
+  const select = $("run");
+  select.replaceChildren(...state.runs.map((run) => {
+    const option = new Option(describe(run), run.name);
+    option.disabled = Boolean(run.error);
+    option.title = run.error || "";
+    return option;
+  }));
+  const keep = runOf(state.run) && !runOf(state.run).error ? state.run : state.runs.find((r) => r.served).name;
+  select.value = keep;
+  pickRun(keep);
+}
+
+function pickRun(name) {
+  if (name === state.run) return;
+  stop();
+  state.run = name;
+  clearOutput();
+  const attention = runOf(name).attention;
+  $("attention-note").hidden = $("attention-pick").hidden = !attention;
+  $("no-attention").hidden = attention;
+}
+
+function setState(value) {
+  $("output").dataset.state = value;
+  $("generate").disabled = value === "streaming";
+  $("stop").disabled = value !== "streaming";
+}
+
+function clearOutput() {
+  state.tokens = [];
+  state.picked = null;
+  state.attention = null;
+  $("output").replaceChildren();
+  $("candidates").replaceChildren();
+  $("heads").replaceChildren();
+  $("picked").textContent = "Click a character";
+  $("status").textContent = "";
+}
+
+function numberOrNull(id) {
+  const value = $(id).value.trim();
+  return value === "" ? null : Number(value);
+}
+
+function settings() {
+  return {
+    run: state.run,
+    prompt: $("prompt").value,
+    max_new_tokens: numberOrNull("max_new_tokens") ?? 500,
+    temperature: numberOrNull("temperature") ?? 0.8,
+    top_k: numberOrNull("top_k"),
+    top_p: numberOrNull("top_p"),
+    seed: numberOrNull("seed") ?? 1337,
+  };
+}
+
+function addToken(token) {
+  const i = state.tokens.push(token) - 1;
+  const span = document.createElement("span");
+  span.className = "tok" + (token.prompt ? " prompt" : " gen") + (token.text === "\n" ? " nl" : "");
+  span.dataset.i = i;
+  span.textContent = token.text;
+  if (!token.prompt) span.style.backgroundColor = `rgba(var(--warm), ${(0.6 * (1 - token.p) ** 1.5).toFixed(3)})`;
+  span.title = token.prompt ? "prompt" : `p = ${token.p}`;
+  const output = $("output");
+  const follow = output.scrollTop + output.clientHeight >= output.scrollHeight - 4;
+  output.append(span);
+  if (follow) output.scrollTop = output.scrollHeight;
+}
+
+function onEvent(kind, data) {
+  if (kind === "start") {
+    data.ids.forEach((id, i) => addToken({id, text: data.labels[i], prompt: true}));
+  } else if (kind === "token") {
+    addToken({id: data.id, text: data.text, prompt: false, p: data.p, top: data.top});
+  } else if (kind === "end") {
+    if (data.text) {  // the last bytes of an unfinished character
+      state.tokens.at(-1).text += data.text;
+      document.querySelector("#output .tok:last-of-type").textContent += data.text;
+    }
+    $("status").textContent = "";
+    setState("done");
+  } else if (kind === "error") {
+    $("status").textContent = data.error;
+    setState("error");
+  }
+}
+
+async function generate() {
+  stop();
+  clearOutput();
+  const controller = new AbortController();
+  state.controller = controller;
+  setState("streaming");
+  try {
+    const response = await fetch("/api/generate", {
+      method: "POST", headers: {"Content-Type": "application/json"},
+      body: JSON.stringify(settings()), signal: controller.signal,
+    });
+    if (!response.ok) {
+      const answer = await response.json().catch(() => ({error: response.statusText}));
+      $("status").textContent = answer.error;
+      setState("error");
+      return;
+    }
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, {stream: true});
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        const kind = block.match(/^event: (.*)$/m)[1];
+        onEvent(kind, JSON.parse(block.match(/^data: (.*)$/m)[1]));
+      }
+    }
+    if ($("output").dataset.state === "streaming") setState("done");
+  } catch (error) {
+    if (error.name !== "AbortError") {
+      $("status").textContent = `the server did not answer (${error.message}): is charlm serve still running?`;
+      setState("error");
+    }
+  } finally {
+    if (state.controller === controller) state.controller = null;
+  }
+}
+
+function stop() {
+  if (!state.controller) return;
+  state.controller.abort();
+  state.controller = null;
+  setState("stopped");
+}
+
+function showCandidates(token) {
+  const box = $("candidates");
+  if (token.prompt) {
+    box.replaceChildren(Object.assign(document.createElement("p"), {
+      className: "muted", textContent: "Part of the prompt: typed, not drawn.",
+    }));
+    return;
+  }
+  const rows = token.top.map(([label, p]) => {
+    const row = document.createElement("div");
+    row.className = "row" + (label === token.text ? " drawn" : "");
+    const char = Object.assign(document.createElement("span"), {className: "char", textContent: visible(label)});
+    const bar = Object.assign(document.createElement("span"), {className: "bar"});
+    bar.style.width = `${(100 * p).toFixed(1)}%`;
+    const value = Object.assign(document.createElement("span"), {className: "p", textContent: percent(p)});
+    row.append(char, bar, value);
+    return row;
+  });
+  const note = Object.assign(document.createElement("p"), {
+    className: "muted", textContent: `Drawn with probability ${percent(token.p)} from these candidates:`,
+  });
+  box.replaceChildren(note, ...rows);
+}
+
+function visible(text) {
+  return {"\n": "\u21b5", " ": "\u2423", "\t": "\u21e5"}[text] ?? text;
+}
+
+function percent(p) {
+  return p >= 0.001 ? `${(100 * p).toFixed(1)}%` : `${(100 * p).toPrecision(1)}%`;
+}
+
+async function pick(i) {
+  document.querySelectorAll(".tok.picked").forEach((el) => el.classList.remove("picked"));
+  document.querySelectorAll("#output .tok")[i].classList.add("picked");
+  state.picked = i;
+  const token = state.tokens[i];
+  $("picked").textContent = `Character ${i + 1}: "${visible(token.text)}"`;
+  showCandidates(token);
+  if (!runOf(state.run).attention) return;
+  const ids = state.tokens.slice(0, i + 1).map((t) => t.id);
+  const response = await fetch("/api/attention", {
+    method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify({run: state.run, ids}),
+  });
+  const answer = await response.json();
+  if (state.picked !== i) return;  // another character was clicked meanwhile
+  if (!response.ok) {
+    $("status").textContent = answer.error;
+    return;
+  }
+  state.attention = answer;
+  fillHeadPickers(answer.weights.length, answer.weights[0].length);
+  drawAttention();
+}
+
+// attention as a directed graph: an edge from the clicked character to each one it attends to, as heavy as the weight
+function drawEdges(spans, first, weights) {
+  const output = $("output");
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.id = "edges";
+  svg.setAttribute("width", output.scrollWidth);
+  svg.setAttribute("height", output.scrollHeight);
+  const to = spans[first + weights.length - 1];
+  const centre = (span) => [span.offsetLeft + span.offsetWidth / 2, span.offsetTop + 2];
+  const [x1, y1] = centre(to);
+  weights.forEach((w, j) => {
+    if (w < 0.02 || first + j === state.picked) return;
+    const [x0, y0] = centre(spans[first + j]);
+    const lift = 12 + Math.min(60, Math.abs(x1 - x0) / 4);
+    const path = document.createElementNS("http://www.w3.org/2000/svg", "path");
+    path.setAttribute("d", `M ${x1} ${y1} Q ${(x0 + x1) / 2} ${Math.min(y0, y1) - lift} ${x0} ${y0}`);
+    path.setAttribute("stroke-width", (0.5 + 3 * w).toFixed(2));
+    path.setAttribute("stroke-opacity", Math.min(1, 0.15 + w).toFixed(3));
+    svg.append(path);
+  });
+  $("edges")?.remove();
+  output.append(svg);
+}
+
+function fillHeadPickers(layers, heads) {
+  const layer = $("layer"), head = $("head");
+  if (layer.options.length !== layers) {
+    layer.replaceChildren(...Array.from({length: layers}, (_, l) => new Option(String(l + 1), l)));
+    state.layer = layers - 1;
+  }
+  if (head.options.length !== heads + 1) {
+    head.replaceChildren(new Option("mean of all", "mean"), ...Array.from({length: heads}, (_, h) => new Option(String(h + 1), h)));
+    state.head = "mean";
+  }
+  layer.value = state.layer;
+  head.value = state.head;
+}
+
+function chosenWeights() {
+  const rows = state.attention.weights[state.layer];
+  if (state.head !== "mean") return rows[state.head];
+  return rows[0].map((_, j) => rows.reduce((sum, row) => sum + row[j], 0) / rows.length);
+}
+
+function drawAttention() {
+  const answer = state.attention;
+  document.querySelectorAll(".tok").forEach((el) => { el.style.boxShadow = ""; });
+  $("edges")?.remove();
+  if (!answer) return;
+  const spans = document.querySelectorAll("#output .tok");
+  const weights = chosenWeights();
+  weights.forEach((w, j) => {
+    const span = spans[answer.first + j];
+    if (span) span.style.boxShadow = `inset 0 -0.45em 0 rgba(var(--attend), ${Math.min(1, w).toFixed(3)})`;
+  });
+  drawEdges(spans, answer.first, weights);
+  const heads = $("heads");
+  const n = answer.weights[0].length;
+  heads.style.gridTemplateColumns = `repeat(${n}, minmax(0, 1fr))`;
+  const figures = [];
+  answer.weights.forEach((rows, l) => rows.forEach((row, h) => {
+    const figure = document.createElement("figure");
+    figure.className = l === state.layer && h === state.head ? "chosen" : "";
+    figure.title = `layer ${l + 1}, head ${h + 1}: click to draw it under the text`;
+    const canvas = document.createElement("canvas");
+    canvas.width = row.length;
+    canvas.height = 1;
+    const context = canvas.getContext("2d");
+    const attend = getComputedStyle(document.documentElement).getPropertyValue("--attend");
+    row.forEach((w, j) => {
+      context.fillStyle = `rgba(${attend}, ${Math.min(1, w)})`;
+      context.fillRect(j, 0, 1, 1);
+    });
+    const caption = Object.assign(document.createElement("figcaption"), {textContent: `L${l + 1} H${h + 1}`});
+    figure.append(caption, canvas);
+    figure.addEventListener("click", () => { state.layer = l; state.head = h; fillHeadPickers(answer.weights.length, n); drawAttention(); });
+    figures.push(figure);
+  }));
+  heads.replaceChildren(...figures);
+}
+
+$("generate").addEventListener("click", generate);
+$("stop").addEventListener("click", stop);
+$("run").addEventListener("change", (event) => pickRun(event.target.value));
+$("run").addEventListener("focus", loadRuns);  // runs trained since the page opened appear
+$("output").addEventListener("click", (event) => {
+  const span = event.target.closest(".tok");
+  if (span) pick(Number(span.dataset.i));
+});
+$("layer").addEventListener("change", (event) => { state.layer = Number(event.target.value); drawAttention(); });
+$("head").addEventListener("change", (event) => {
+  state.head = event.target.value === "mean" ? "mean" : Number(event.target.value);
+  drawAttention();
+});
+$("temperature-range").addEventListener("input", (event) => { $("temperature").value = event.target.value; });
+$("temperature").addEventListener("input", (event) => { $("temperature-range").value = event.target.value; });
+$("prompt").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) generate();
+});
+loadRuns().catch((error) => { $("status").textContent = `cannot list the runs: ${error.message}`; });

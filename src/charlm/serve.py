@@ -1,0 +1,413 @@
+"""`charlm serve`: a playground in the browser. Type a prompt, watch the text stream, click a character to see the
+distribution it was drawn from and where it attended.
+
+One process serves one page (`playground/`: static files, nothing loaded from the internet) and the HTTP API that
+the page uses and people can curl:
+- GET /api/runs: the runs the page may pick: the served checkpoint and every run's last.ckpt under the runs folder;
+- POST /api/generate: server-sent events, one per token: its text, its probability and the top candidates of the
+  distribution it was drawn from (the sampling code, seed and settings of `charlm generate`, so the same text);
+- POST /api/attention: how much one position of a text attends to each position before it, per layer and head.
+
+Every request names its run (or takes the served one): a name from the listing, never a path, so nothing outside the
+runs folder can be reached from a browser. Each generation runs in a thread of its own on its own copy of the net's
+modules (the weights are shared, the KV cache is each generation's own) and stops within a step of its client
+leaving.
+"""
+
+import asyncio
+import copy
+import json
+import math
+import socket
+import sys
+import threading
+import time
+from collections import OrderedDict
+from importlib.resources import files
+from pathlib import Path
+
+from jsonargparse.typing import NonNegativeInt, PositiveInt
+
+from charlm.commands import Device
+
+LOCAL = ("127.0.0.1", "localhost", "::1")
+KINDS = {str: "a string", int: "a whole number", float: "a finite number", list: "a list"}  # as JSON says them
+TOP = 10  # candidates sent with every token
+KEEP = 2  # nets kept loaded: the served one and the one picked last
+
+
+class HTTPError(Exception):
+    """A request the API refuses: its status code and one line that names the value and the fix."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def serve(
+    ckpt_path: str = "last",
+    runs: str = "checkpoints",
+    host: str = "127.0.0.1",
+    port: NonNegativeInt = 8000,
+    device: Device = "auto",
+    max_prompt: PositiveInt = 4000,
+    max_new_tokens: PositiveInt = 10000,
+) -> None:
+    """Serve a playground page for trained checkpoints: type, watch the text stream, see what the model weighed.
+
+    Args:
+        ckpt_path: the run the page opens with: a .ckpt file, a folder, last (the newest run under --runs) or best.
+        runs: the folder whose runs (each run's last.ckpt, one or two folders down) the page may switch to.
+        host: the address to listen on; anything but 127.0.0.1 lets other machines use the model.
+        port: the port to listen on (0: any free one, printed).
+        device: where the models run: auto is a CUDA GPU, then Apple's MPS, then the CPU.
+        max_prompt: the longest prompt a request may send, in characters.
+        max_new_tokens: the most tokens one request may ask for.
+    """
+    try:
+        import uvicorn
+    except ImportError:
+        raise OSError("charlm serve needs uvicorn and starlette: pip install -e '.[serve]'") from None
+    from charlm import checkpoints
+    from charlm.commands import pick_device
+
+    device = pick_device(device)
+    folder = Path(runs)
+    served = checkpoints.resolve(ckpt_path, folder)
+    catalogue = Runs(folder, served, device)
+    catalogue.get(None)  # a checkpoint that cannot be served is said now, not at the first request
+    try:
+        listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as e:
+        raise OSError(
+            f"cannot listen on {host}:{port} ({e.strerror}): pass --port another (0 picks a free one)"
+        ) from None
+    if host not in LOCAL:
+        print(f"charlm: warning: listening on {host}: anyone who can reach this machine can use it", file=sys.stderr)
+    address = listener.getsockname()
+    shown = f"[{address[0]}]" if ":" in address[0] else address[0]
+    print(f"charlm: serving {served} on {device}", file=sys.stderr)
+    print(f"charlm: playground at http://{shown}:{address[1]}  (Ctrl-C stops it)", flush=True)
+    config = uvicorn.Config(
+        playground(catalogue, max_prompt, max_new_tokens), log_level="warning", timeout_graceful_shutdown=1
+    )
+    uvicorn.Server(config).run(sockets=[listener])  # a Ctrl-C is raised again once it has stopped: exit 130
+
+
+class Runs:
+    """The checkpoints the page may pick, by name: the served one, and each run's last.ckpt under the folder."""
+
+    def __init__(self, folder: Path, served: Path, device: str):
+        self.folder, self.served, self.device = folder, served, device
+        self.lock = threading.Lock()
+        self.nets: OrderedDict[tuple, tuple] = OrderedDict()  # stat key -> (net, tokenizer), at most KEEP
+        self.facts: dict[tuple, dict] = {}  # stat key -> what the listing says of it
+
+    def paths(self) -> dict[str, Path]:
+        """Each run's name and checkpoint file, found again at every call (runs come and go)."""
+        found = {self.name(self.served): self.served}
+        root = self.folder.resolve()
+        for path in sorted([*self.folder.glob("*/last.ckpt"), *self.folder.glob("*/*/last.ckpt")]):
+            if path.resolve().is_relative_to(root) and path.is_file():  # a link out of the folder is not served
+                found.setdefault(self.name(path), path)
+        return found
+
+    def name(self, path: Path) -> str:
+        """A run's name: its folder under the runs folder (its file's path there for a checkpoint other than
+        last.ckpt), or the served checkpoint's path as given when it lies elsewhere."""
+        try:
+            inside = path.resolve().relative_to(self.folder.resolve())
+        except ValueError:
+            return str(path)
+        return (inside.parent if inside.name == "last.ckpt" else inside).as_posix()
+
+    def listing(self) -> list[dict]:
+        return [
+            {"name": name, "served": path == self.served, **self.describe(path)} for name, path in self.paths().items()
+        ]
+
+    def describe(self, path: Path) -> dict:
+        """Step, val loss, tokenizer and size of a checkpoint (read once per version of the file), or its error."""
+        from charlm import checkpoints
+        from charlm.models import GPT
+
+        key = stat_key(path)
+        if key not in self.facts:
+            try:
+                ckpt = checkpoints.read(path)
+                cls, config, tokenizer = checkpoints.checked_net(ckpt, path)
+                weights = {t.data_ptr(): t.numel() for t in checkpoints.net_weights(ckpt).values()}  # tied: once
+                self.facts[key] = {
+                    "net": cls.__name__,
+                    "attention": cls is GPT,
+                    "step": ckpt.get("global_step") if type(ckpt.get("global_step")) is int else None,
+                    "val_loss": val_loss(ckpt),
+                    "tokenizer": tokenizer.name,
+                    "vocab_size": tokenizer.vocab_size,
+                    "block_size": config["block_size"],
+                    "parameters": sum(weights.values()),
+                }
+            except (OSError, ValueError) as e:
+                self.facts[key] = {"error": str(e)}
+        return self.facts[key]
+
+    def get(self, name: str | None):
+        """The net (shared: use `own_copy`), tokenizer and file of the run of that name (None: the served one)."""
+        from charlm import checkpoints
+
+        paths = self.paths()
+        path = self.served if name is None else paths.get(name)
+        if path is None:
+            raise HTTPError(404, f"run {name[:200]!r} is not one of this server's: pick one from GET /api/runs")
+        with self.lock:  # one load of a file, however many requests ask for it at once
+            key = stat_key(path)
+            if key not in self.nets:
+                try:
+                    self.nets[key] = checkpoints.load_net(path, self.device)
+                except (OSError, ValueError) as e:
+                    raise HTTPError(422, f"run {self.name(path)!r}: {e}") from None
+                while len(self.nets) > KEEP:
+                    self.nets.popitem(last=False)
+            self.nets.move_to_end(key)
+            net, tokenizer = self.nets[key]
+        return net, tokenizer, self.name(path)
+
+
+def stat_key(path: Path) -> tuple:
+    """What tells one version of a file from another: a run that saved again is read again."""
+    try:
+        stat = path.stat()
+    except OSError as e:
+        raise HTTPError(404, f"{path}: {e.strerror}: pick a run from GET /api/runs") from None
+    return str(path), stat.st_mtime_ns, stat.st_size
+
+
+def val_loss(ckpt: dict) -> float | None:
+    """The val loss at the checkpoint's save, as its ModelCheckpoint kept it (checked: a value from a file)."""
+    import torch
+
+    for state in ckpt.get("callbacks", {}).values():
+        score = state.get("current_score") if isinstance(state, dict) else None
+        if isinstance(score, torch.Tensor) and score.numel() == 1 and score.isfinite().all():
+            return round(score.item(), 4)
+    return None
+
+
+def own_copy(net):
+    """The net's modules copied, its weights shared: a generation's KV cache and attention maps are its own."""
+    shared = {id(t): t for t in [*net.parameters(), *net.buffers()]}
+    return copy.deepcopy(net, memo=shared)
+
+
+def request_object(body: bytes) -> dict:
+    """A request's body as a JSON object, else a 400 that shows one."""
+    try:
+        given = json.loads(body, parse_constant=lambda name: name)  # NaN and Infinity stay words: no numbers
+    except ValueError as e:
+        raise HTTPError(400, f'the body is not JSON ({e}): send an object such as {{"prompt": "ROMEO:"}}') from None
+    if not isinstance(given, dict):
+        raise HTTPError(400, f'the body is a JSON {type(given).__name__}: send an object such as {{"prompt": "Hi"}}')
+    return given
+
+
+def no_others(given: dict, fields: dict) -> dict:
+    """The checked fields, once the request is known to send no others."""
+    unknown = sorted(set(given) - set(fields))
+    if unknown:
+        raise HTTPError(422, f"unknown field {unknown[0][:100]!r}: the fields are {', '.join(fields)}")
+    return fields
+
+
+def field(given: dict, name: str, kind: type, default, low=0, high=math.inf, above: bool = False):
+    """A request's field: a `kind` (str and list: of length) in [low, high] ((low, high] when above), or default
+    when missing or null."""
+    value = given.get(name)
+    if value is None:
+        return default
+    # a whole number is a float, a bool is no number, and JSON's 1e999 (infinity) is no setting
+    if not (type(value) is kind or (kind is float and type(value) is int)) or value in (math.inf, -math.inf):
+        raise HTTPError(422, f"{name} {shorten(value)} is not {KINDS[kind]}")
+    size = len(value) if kind in (str, list) else value
+    if not (low < size if above else low <= size) or not size <= high:
+        what = f"{name} has length {size}," if kind in (str, list) else f"{name} {shorten(value)} is"
+        raise HTTPError(422, f"{what} outside {'(' if above else '['}{low}, {high}]")
+    return value
+
+
+def choice(given: dict, name: str, words: tuple[str, ...]) -> str:
+    value = given.get(name, words[0])
+    if value not in words:
+        raise HTTPError(422, f"{name} {shorten(value)} is not one of {', '.join(map(json.dumps, words))}")
+    return value
+
+
+def shorten(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The request's body, refused once it grows past `limit` bytes (a client may send anything)."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HTTPError(413, f"the body is over {limit} bytes: send a shorter prompt")
+    return body
+
+
+def candidates(tokenizer, probs, n: int) -> list:
+    """The n most likely tokens of a distribution, as [label, probability], without those it rules out."""
+    values, ids = probs.topk(min(n, probs.numel()))
+    return [[tokenizer.decode([i]), float(f"{p:.4g}")] for p, i in zip(values.tolist(), ids.tolist()) if p > 0]
+
+
+def produce(net, tokenizer, device: str, prompt_ids: list[int], s: dict, stop: threading.Event, send) -> None:
+    """Sample as `charlm generate` does, sending one event per token until done or asked to stop."""
+    import torch
+
+    from charlm import sampling
+
+    try:
+        generator = torch.Generator(device=device).manual_seed(s["seed"])
+        idx = torch.tensor([prompt_ids], device=device)
+        decoder, count, started = tokenizer.decoder(), 0, time.perf_counter()
+        steps = sampling.generate(
+            net, idx, s["max_new_tokens"], s["temperature"], s["top_k"], s["top_p"], generator, with_probs=True
+        )
+        for next_id, probs in steps:
+            if stop.is_set():
+                steps.close()  # frees the KV cache now
+                return
+            token, probs = next_id.item(), probs[0]
+            event = {"id": token, "text": decoder.push(token), "p": float(f"{probs[token].item():.4g}")}
+            send("token", event | {"top": candidates(tokenizer, probs, TOP)})
+            count += 1
+        send("end", {"text": decoder.flush(), "tokens": count, "seconds": round(time.perf_counter() - started, 3)})
+    except Exception as e:  # the stream has begun: the error is its last event
+        send("error", {"error": (str(e).strip().splitlines() or [type(e).__name__])[0][:300]})
+    finally:
+        send(None, None)
+
+
+def playground(runs: Runs, max_prompt: int, max_new_tokens: int):
+    """The Starlette app: the page and the API."""
+    import torch
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.responses import FileResponse, JSONResponse, StreamingResponse
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+
+    from charlm.commands import usable_prompt
+    from charlm.models import GPT
+    from charlm.tokenizers import labels
+
+    longest = max_prompt + max_new_tokens  # the longest text the page holds
+    body_limit = 16 * longest + 4096  # room for that text as escaped characters or as ids
+
+    async def list_runs(request):
+        listing = await asyncio.to_thread(runs.listing)
+        return JSONResponse({"runs": listing, "device": runs.device, "limits": limits})
+
+    async def generate(request):
+        given = request_object(await read_body(request, body_limit))
+        s = no_others(given, {
+            "run": field(given, "run", str, None, high=1000),
+            "prompt": field(given, "prompt", str, "", high=max_prompt),
+            "max_new_tokens": field(given, "max_new_tokens", int, 500, high=max_new_tokens),
+            "temperature": field(given, "temperature", float, 0.8),
+            "top_k": field(given, "top_k", int, None, low=1),
+            "top_p": field(given, "top_p", float, None, high=1, above=True),
+            "seed": field(given, "seed", int, 1337, low=-(2**63), high=2**64 - 1),
+            "unknown": choice(given, "unknown", ("error", "skip")),
+        })  # fmt: skip
+        net, tokenizer, name = await asyncio.to_thread(runs.get, s["run"])
+        if s["top_k"] is not None:
+            s["top_k"] = min(s["top_k"], tokenizer.vocab_size)
+        try:
+            prompt = usable_prompt(tokenizer, s["prompt"], s["unknown"], 'send "unknown": "skip"')
+        except ValueError as e:
+            raise HTTPError(422, str(e)) from None
+        prompt_ids = tokenizer.encode(prompt)
+        loop, queue, stop = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+
+        def send(kind, data):
+            event = None if kind is None else f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the server has stopped: nobody is listening
+                stop.set()
+
+        start = {"run": name, "prompt": prompt, "ids": prompt_ids, "labels": labels(tokenizer, prompt_ids)}
+        worker = threading.Thread(
+            target=produce, args=(own_copy(net), tokenizer, runs.device, prompt_ids, s, stop, send), daemon=True
+        )
+
+        async def events():
+            yield f"event: start\ndata: {json.dumps(start)}\n\n"
+            worker.start()
+            try:
+                while (event := await queue.get()) is not None:
+                    yield event
+            finally:  # done, or the client left (Starlette cancels this): the worker stops within a step
+                stop.set()
+
+        headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+    async def attention(request):
+        given = request_object(await read_body(request, body_limit))
+        s = no_others(given, {
+            "run": field(given, "run", str, None, high=1000),
+            "text": field(given, "text", str, None, low=1, high=longest),
+            "ids": field(given, "ids", list, None, low=1, high=longest),
+            "pos": field(given, "pos", int, None, high=longest - 1),
+        })  # fmt: skip
+        net, tokenizer, name = await asyncio.to_thread(runs.get, s["run"])
+        if not isinstance(net, GPT):
+            raise HTTPError(422, f"run {name!r} is a {type(net).__name__}, which has no attention: pick a GPT's run")
+        if (s["text"] is None) == (s["ids"] is None):
+            raise HTTPError(422, 'send one of "text" (a string) and "ids" (token ids)')
+        if s["text"] is not None:
+            missing = tokenizer.unknown(s["text"])
+            if missing:
+                raise HTTPError(422, f"text has characters {missing[:10]!r} that the model never saw: remove them")
+            ids = tokenizer.encode(s["text"])
+        else:
+            ids = s["ids"]
+            if not all(type(i) is int and 0 <= i < tokenizer.vocab_size for i in ids):
+                raise HTTPError(422, f"ids: each must be a whole number in [0, {tokenizer.vocab_size - 1}]")
+        pos = len(ids) - 1 if s["pos"] is None else s["pos"]
+        if pos >= len(ids):
+            raise HTTPError(422, f"pos {pos} is past the text's last position, {len(ids) - 1}")
+        first = max(0, pos + 1 - net.block_size)  # the model reads at most block_size tokens
+        window = ids[first : pos + 1]
+
+        def weights():
+            with torch.inference_mode():
+                maps = own_copy(net).attention(torch.tensor([window], device=runs.device))
+            return maps[:, 0, :, -1].double().cpu().round(decimals=5).tolist()  # (n_layer, n_head, len(window))
+
+        maps = await asyncio.to_thread(weights)
+        return JSONResponse(
+            {"run": name, "pos": pos, "first": first, "labels": labels(tokenizer, window), "weights": maps}
+        )
+
+    async def refused(request, exc):
+        if isinstance(exc, HTTPError):
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        return JSONResponse({"error": f"{request.url.path}: {exc.detail}"}, status_code=exc.status_code)
+
+    limits = {"max_prompt": max_prompt, "max_new_tokens": max_new_tokens}
+    page = Path(str(files("charlm") / "playground"))
+    return Starlette(
+        routes=[
+            Route("/api/runs", list_runs),
+            Route("/api/generate", generate, methods=["POST"]),
+            Route("/api/attention", attention, methods=["POST"]),
+            Route("/", lambda request: FileResponse(page / "index.html")),
+            Mount("/static", StaticFiles(directory=page)),
+        ],
+        exception_handlers={HTTPError: refused, HTTPException: refused},
+    )
