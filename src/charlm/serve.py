@@ -18,6 +18,7 @@ import asyncio
 import copy
 import json
 import math
+import os
 import socket
 import sys
 import threading
@@ -32,7 +33,7 @@ from charlm.commands import Device
 
 LOCAL = ("127.0.0.1", "localhost", "::1")
 KINDS = {str: "a string", int: "a whole number", float: "a finite number", list: "a list"}  # as JSON says them
-TOP = 10  # candidates sent with every token
+TOP = 10  # candidates sent with every token, and the drawn one if it is not among them
 KEEP = 2  # nets kept loaded: the served one and the one picked last
 
 
@@ -75,13 +76,15 @@ def serve(
     folder = Path(runs)
     served = checkpoints.resolve(ckpt_path, folder)
     catalogue = Runs(folder, served, device)
-    catalogue.get(None)  # a checkpoint that cannot be served is said now, not at the first request
+    try:
+        catalogue.get(None)  # a checkpoint that cannot be served is said now, not at the first request
+    except HTTPError as e:
+        raise ValueError(str(e)) from None
     try:
         listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as e:
-        raise OSError(
-            f"cannot listen on {host}:{port} ({e.strerror}): pass --port another (0 picks a free one)"
-        ) from None
+        reason = os.strerror(e.errno) if e.errno else str(e)  # create_server's own strerror repeats the address
+        raise OSError(f"cannot listen on {host}:{port} ({reason}): pass --port another (0 picks a free one)") from None
     if host not in LOCAL:
         print(f"charlm: warning: listening on {host}: anyone who can reach this machine can use it", file=sys.stderr)
     address = listener.getsockname()
@@ -144,7 +147,7 @@ class Runs:
                     "val_loss": val_loss(ckpt),
                     "tokenizer": tokenizer.name,
                     "vocab_size": tokenizer.vocab_size,
-                    "block_size": config["block_size"],
+                    "block_size": config.get("block_size"),  # a bigram reads one character
                     "parameters": sum(weights.values()),
                 }
             except (OSError, ValueError) as e:
@@ -256,10 +259,12 @@ async def read_body(request, limit: int) -> bytes:
     return body
 
 
-def candidates(tokenizer, probs, n: int) -> list:
-    """The n most likely tokens of a distribution, as [label, probability], without those it rules out."""
+def candidates(tokenizer, probs, n: int, drawn: int) -> list:
+    """The n most likely tokens of a distribution and the drawn one, as [label, probability], without those it
+    rules out."""
     values, ids = probs.topk(min(n, probs.numel()))
-    return [[tokenizer.decode([i]), float(f"{p:.4g}")] for p, i in zip(values.tolist(), ids.tolist()) if p > 0]
+    ids = ids.tolist() + ([] if drawn in ids else [drawn])
+    return [[tokenizer.decode([i]), float(f"{p:.4g}")] for i, p in zip(ids, probs[ids].tolist()) if p > 0]
 
 
 def produce(net, tokenizer, device: str, prompt_ids: list[int], s: dict, stop: threading.Event, send) -> None:
@@ -280,8 +285,9 @@ def produce(net, tokenizer, device: str, prompt_ids: list[int], s: dict, stop: t
                 steps.close()  # frees the KV cache now
                 return
             token, probs = next_id.item(), probs[0]
-            event = {"id": token, "text": decoder.push(token), "p": float(f"{probs[token].item():.4g}")}
-            send("token", event | {"top": candidates(tokenizer, probs, TOP)})
+            p, label = float(f"{probs[token].item():.4g}"), tokenizer.decode([token])
+            send("token", {"id": token, "text": decoder.push(token), "label": label, "p": p,
+                           "top": candidates(tokenizer, probs, TOP, token)})  # fmt: skip
             count += 1
         send("end", {"text": decoder.flush(), "tokens": count, "seconds": round(time.perf_counter() - started, 3)})
     except Exception as e:  # the stream has begun: the error is its last event
@@ -306,9 +312,12 @@ def playground(runs: Runs, max_prompt: int, max_new_tokens: int):
     longest = max_prompt + max_new_tokens  # the longest text the page holds
     body_limit = 16 * longest + 4096  # room for that text as escaped characters or as ids
 
+    workers: set[threading.Thread] = set()  # the generations under way (touched by the event loop's thread only)
+
     async def list_runs(request):
         listing = await asyncio.to_thread(runs.listing)
-        return JSONResponse({"runs": listing, "device": runs.device, "limits": limits})
+        workers.difference_update([worker for worker in list(workers) if not worker.is_alive()])
+        return JSONResponse({"runs": listing, "device": runs.device, "limits": limits, "generating": len(workers)})
 
     async def generate(request):
         given = request_object(await read_body(request, body_limit))
@@ -347,6 +356,7 @@ def playground(runs: Runs, max_prompt: int, max_new_tokens: int):
         async def events():
             yield f"event: start\ndata: {json.dumps(start)}\n\n"
             worker.start()
+            workers.add(worker)
             try:
                 while (event := await queue.get()) is not None:
                     yield event

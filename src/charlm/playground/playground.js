@@ -58,6 +58,7 @@ function setState(value) {
 }
 
 function clearOutput() {
+  pending.replaceChildren();
   state.tokens = [];
   state.picked = null;
   state.attention = null;
@@ -93,9 +94,21 @@ function addToken(token) {
   span.textContent = token.text;
   if (!token.prompt) span.style.backgroundColor = `rgba(var(--warm), ${(0.6 * (1 - token.p) ** 1.5).toFixed(3)})`;
   span.title = token.prompt ? "prompt" : `p = ${token.p}`;
+  token.span = span;
+  pending.append(span);
+  if (!drawing) drawing = requestAnimationFrame(flush);
+}
+
+// tokens can arrive faster than the screen refreshes: they are added to the page once a frame, in one go
+const pending = document.createDocumentFragment();
+let drawing = 0;
+
+function flush() {
+  cancelAnimationFrame(drawing);
+  drawing = 0;
   const output = $("output");
   const follow = output.scrollTop + output.clientHeight >= output.scrollHeight - 4;
-  output.append(span);
+  output.append(pending);
   if (follow) output.scrollTop = output.scrollHeight;
 }
 
@@ -103,15 +116,17 @@ function onEvent(kind, data) {
   if (kind === "start") {
     data.ids.forEach((id, i) => addToken({id, text: data.labels[i], prompt: true}));
   } else if (kind === "token") {
-    addToken({id: data.id, text: data.text, prompt: false, p: data.p, top: data.top});
+    addToken({id: data.id, text: data.text, label: data.label, prompt: false, p: data.p, top: data.top});
   } else if (kind === "end") {
     if (data.text) {  // the last bytes of an unfinished character
       state.tokens.at(-1).text += data.text;
-      document.querySelector("#output .tok:last-of-type").textContent += data.text;
+      state.tokens.at(-1).span.textContent += data.text;
     }
+    flush();
     $("status").textContent = "";
     setState("done");
   } else if (kind === "error") {
+    flush();
     $("status").textContent = data.error;
     setState("error");
   }
@@ -149,7 +164,10 @@ async function generate() {
         onEvent(kind, JSON.parse(block.match(/^data: (.*)$/m)[1]));
       }
     }
-    if ($("output").dataset.state === "streaming") setState("done");
+    if ($("output").dataset.state === "streaming") {
+      flush();
+      setState("done");
+    }
   } catch (error) {
     if (error.name !== "AbortError") {
       $("status").textContent = `the server did not answer (${error.message}): is charlm serve still running?`;
@@ -164,6 +182,7 @@ function stop() {
   if (!state.controller) return;
   state.controller.abort();
   state.controller = null;
+  flush();
   setState("stopped");
 }
 
@@ -177,7 +196,7 @@ function showCandidates(token) {
   }
   const rows = token.top.map(([label, p]) => {
     const row = document.createElement("div");
-    row.className = "row" + (label === token.text ? " drawn" : "");
+    row.className = "row" + (label === token.label ? " drawn" : "");
     const char = Object.assign(document.createElement("span"), {className: "char", textContent: visible(label)});
     const bar = Object.assign(document.createElement("span"), {className: "bar"});
     bar.style.width = `${(100 * p).toFixed(1)}%`;
@@ -201,7 +220,7 @@ function percent(p) {
 
 async function pick(i) {
   document.querySelectorAll(".tok.picked").forEach((el) => el.classList.remove("picked"));
-  document.querySelectorAll("#output .tok")[i].classList.add("picked");
+  state.tokens[i].span.classList.add("picked");
   state.picked = i;
   const token = state.tokens[i];
   $("picked").textContent = `Character ${i + 1}: "${visible(token.text)}"`;
@@ -271,7 +290,7 @@ function drawAttention() {
   document.querySelectorAll(".tok").forEach((el) => { el.style.boxShadow = ""; });
   $("edges")?.remove();
   if (!answer) return;
-  const spans = document.querySelectorAll("#output .tok");
+  const spans = state.tokens.map((token) => token.span);
   const weights = chosenWeights();
   weights.forEach((w, j) => {
     const span = spans[answer.first + j];

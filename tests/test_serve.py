@@ -1,0 +1,401 @@
+"""`charlm serve`: the HTTP API (real server, real sockets), the page in a real headless Chromium, and the command
+as a process (its address, its warning, Ctrl-C)."""
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import uvicorn
+from conftest import ROOT, tiny
+
+import charlm
+from charlm.__main__ import main
+from charlm.serve import Runs, playground, produce
+
+MAX_PROMPT, MAX_NEW_TOKENS = 200, 100_000  # room for a generation long enough to be stopped half-way
+
+
+@pytest.fixture(scope="module")
+def runs(corpus, tmp_path_factory) -> Path:
+    """A folder with a GPT's run and a bigram's, trained by `charlm.fit` (4 steps each)."""
+    folder = tmp_path_factory.mktemp("served")
+    here = Path.cwd()
+    os.chdir(folder)
+    try:
+        charlm.fit(tiny(corpus))
+        bigram = ["--config", str(ROOT / "configs/bigram.yaml"), "--data.path", str(corpus)]
+        charlm.fit([*bigram, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+                    "--trainer.enable_progress_bar", "false", "--generation.max_new_tokens", "5"])  # fmt: skip
+    finally:
+        os.chdir(here)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def url(runs):
+    """The playground's address: `playground()` served by uvicorn in a thread, the GPT's run served."""
+    served = runs / "checkpoints/gpt-cpu-plays/version_0/last.ckpt"
+    app = playground(Runs(runs / "checkpoints", served, "cpu"), MAX_PROMPT, MAX_NEW_TOKENS)
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    server.should_exit = True
+    thread.join()
+
+
+def request(url: str, method: str, path: str, body: bytes | str | None = None):
+    """(status, parsed JSON) of one request."""
+    connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+    body = body.encode() if isinstance(body, str) else body  # UTF-8, where http.client would send Latin-1
+    connection.request(method, path, body=body, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    answer = response.status, json.loads(response.read())
+    connection.close()
+    return answer
+
+
+def events(response):
+    """The server-sent events of a streamed answer, as (kind, data), as they arrive."""
+    kind = None
+    for line in response:
+        line = line.decode().rstrip("\n")
+        if line.startswith("event: "):
+            kind = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            yield kind, json.loads(line.removeprefix("data: "))
+
+
+def stream(url: str, **settings) -> list[tuple[str, dict]]:
+    connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=120)
+    connection.request("POST", "/api/generate", body=json.dumps(settings))
+    response = connection.getresponse()
+    assert response.status == 200 and response.getheader("Content-Type").startswith("text/event-stream")
+    received = list(events(response))
+    connection.close()
+    return received
+
+
+def text_of(received) -> str:
+    """What the page shows: the prompt, then each token's text, then the last bytes the decoder held."""
+    kinds = [kind for kind, _ in received]
+    assert kinds[0] == "start" and kinds[-1] == "end" and set(kinds[1:-1]) <= {"token"}
+    return received[0][1]["prompt"] + "".join(data["text"] for _, data in received[1:])
+
+
+def cli_text(ckpt: Path, capsys, *flags) -> str:
+    main(["generate", "--ckpt_path", str(ckpt), "--device", "cpu", *flags])
+    return capsys.readouterr().out.removesuffix("\n")
+
+
+def test_runs_lists_every_run_under_the_folder_with_its_facts(url, runs):
+    status, answer = request(url, "GET", "/api/runs")
+    assert status == 200 and answer["device"] == "cpu" and answer["generating"] == 0
+    by_name = {run["name"]: run for run in answer["runs"]}
+    assert set(by_name) == {"gpt-cpu-plays/version_0", "bigram-plays/version_0"}
+    gpt, bigram = by_name["gpt-cpu-plays/version_0"], by_name["bigram-plays/version_0"]
+    assert gpt["served"] and not bigram["served"]
+    assert (gpt["net"], gpt["attention"], gpt["step"], gpt["tokenizer"]) == ("GPT", True, 4, "chars")
+    assert (bigram["net"], bigram["attention"], bigram["parameters"]) == ("Bigram", False, 65 * 65)
+    assert isinstance(gpt["val_loss"], float) and gpt["block_size"] == 32
+
+
+def test_a_run_added_later_is_listed_and_a_link_out_of_the_folder_or_a_broken_file_is_not_served(url, runs, tmp_path):
+    outside = tmp_path / "elsewhere"
+    (outside / "run").mkdir(parents=True)
+    shutil.copy(runs / "checkpoints/gpt-cpu-plays/version_0/last.ckpt", outside / "run/last.ckpt")
+    (runs / "checkpoints/linked").symlink_to(outside, target_is_directory=True)
+    (runs / "checkpoints/broken").mkdir()
+    (runs / "checkpoints/broken/last.ckpt").write_bytes(b"not a checkpoint")
+    try:
+        names = {run["name"]: run for run in request(url, "GET", "/api/runs")[1]["runs"]}
+        assert "linked/run" not in names and "bad" not in names
+        assert "is not a valid checkpoint" in names["broken"]["error"]
+        for run in ("linked/run", str(outside / "run/last.ckpt"), "../elsewhere/run", "broken/../gpt-cpu-plays"):
+            status, answer = request(url, "POST", "/api/generate", json.dumps({"run": run}))
+            assert status == 404 and "is not one of this server's" in answer["error"], run
+        status, answer = request(url, "POST", "/api/generate", json.dumps({"run": "broken"}))
+        assert status == 422 and "is not a valid checkpoint" in answer["error"]
+    finally:
+        (runs / "checkpoints/linked").unlink()
+        shutil.rmtree(runs / "checkpoints/broken")
+
+
+def test_the_stream_is_the_text_charlm_generate_prints_for_the_same_seed_and_settings(url, runs, capsys):
+    for settings, flags in [
+        ({"prompt": "ROMEO:", "max_new_tokens": 80, "seed": 7}, ["--prompt", "ROMEO:", "--max_new_tokens", "80",
+                                                                  "--seed", "7"]),
+        ({"prompt": "", "max_new_tokens": 40, "temperature": 1.3, "top_k": 5, "top_p": 0.9, "seed": 3},
+         ["--max_new_tokens", "40", "--temperature", "1.3", "--top_k", "5", "--top_p", "0.9", "--seed", "3"]),
+        ({"max_new_tokens": 30, "temperature": 0, "run": "bigram-plays/version_0"}, ["--max_new_tokens", "30",
+                                                                                     "--temperature", "0"]),
+    ]:  # fmt: skip
+        received = stream(url, **settings)
+        run = received[0][1]["run"]
+        assert text_of(received) == cli_text(runs / "checkpoints" / run, capsys, *flags)
+        tokens = [data for kind, data in received if kind == "token"]
+        assert len(tokens) == settings["max_new_tokens"] and received[-1][1]["tokens"] == len(tokens)
+        for token in tokens:  # the distribution it was drawn from, the drawn token among its candidates
+            top = dict(token["top"])
+            assert top[token["label"]] == token["p"] and token["label"] == token["text"]
+            assert sum(top.values()) <= 1.0001 and list(top.values())[:10] == sorted(top.values(), reverse=True)[:10]
+        if settings.get("top_k"):
+            assert all(len(token["top"]) <= 5 for token in tokens)  # the others have probability 0
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ("{", 400, "the body is not JSON"),
+        ("[1, 2]", 400, "the body is a JSON list"),
+        (b'{"prompt": "\xeb"}', 400, "the body is not JSON ('utf-8' codec can't decode byte 0xeb"),
+        ('{"temperature": -1}', 422, "temperature -1 is outside [0, inf]"),
+        ('{"temperature": NaN}', 422, 'temperature "NaN" is not a finite number'),
+        ('{"temperature": 1e999}', 422, "temperature Infinity is not a finite number"),
+        ('{"top_p": 0}', 422, "top_p 0 is outside (0, 1]"),
+        ('{"top_k": 0}', 422, "top_k 0 is outside [1, inf]"),
+        ('{"top_k": true}', 422, "top_k true is not a whole number"),
+        ('{"seed": 1.5}', 422, "seed 1.5 is not a whole number"),
+        ('{"seed": 18446744073709551616}', 422, "seed 18446744073709551616 is outside"),
+        ('{"max_new_tokens": 100001}', 422, "max_new_tokens 100001 is outside [0, 100000]"),
+        (json.dumps({"prompt": "a" * 201}), 422, "prompt has length 201, outside [0, 200]"),
+        ('{"prompt": "Zoë"}', 422, "the prompt has characters ['ë'] that are not among the model's"),
+        ('{"prompt": 5}', 422, "prompt 5 is not a string"),
+        ('{"unknown": "maybe"}', 422, 'unknown "maybe" is not one of "error", "skip"'),
+        ('{"promt": "x"}', 422, "unknown field 'promt': the fields are run, prompt"),
+        ('{"run": "nope"}', 404, "run 'nope' is not one of this server's"),
+        (json.dumps({"prompt": "a" * 2_000_000}), 413, "the body is over"),
+    ],
+)
+def test_bad_generate_requests_are_a_4xx_with_a_one_line_message_and_the_server_goes_on(url, body, status, message):
+    answer = request(url, "POST", "/api/generate", body)
+    assert answer[0] == status and message in answer[1]["error"] and "\n" not in answer[1]["error"]
+    assert text_of(stream(url, max_new_tokens=3))  # still serving
+
+
+def test_unknown_prompt_characters_can_be_skipped_as_the_cli_skips_them(url, runs, capsys):
+    received = stream(url, prompt="Zoë", unknown="skip", max_new_tokens=10)
+    ckpt = runs / "checkpoints/gpt-cpu-plays/version_0"
+    assert text_of(received) == cli_text(ckpt, capsys, "--prompt", "Zoë", "--unknown", "skip", "--max_new_tokens", "10")
+
+
+def test_attention_is_every_layer_and_heads_weights_of_one_position_over_those_before_it(url):
+    status, answer = request(url, "POST", "/api/attention", json.dumps({"text": "ROMEO: hi", "pos": 4}))
+    assert status == 200 and answer["labels"] == list("ROMEO") and answer["first"] == 0
+    weights = answer["weights"]
+    assert (len(weights), len(weights[0]), len(weights[0][0])) == (1, 2, 5)  # 1 layer, 2 heads, positions 0..4
+    assert all(abs(sum(row) - 1) < 1e-3 for layer in weights for row in layer)
+
+    long = "the king " * 10  # past the block size (32): the model reads the last 32 characters up to pos
+    status, answer = request(url, "POST", "/api/attention", json.dumps({"text": long}))
+    assert answer["first"] == len(long) - 32 and len(answer["labels"]) == len(answer["weights"][0][0]) == 32
+    ids = request(url, "POST", "/api/attention", json.dumps({"ids": [1, 2, 3]}))[1]
+    assert ids["pos"] == 2 and len(ids["weights"][0][0]) == 3
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"text": "abc", "pos": 3}, 422, "pos 3 is past the text's last position, 2"),
+        ({"text": "abc", "ids": [1]}, 422, 'send one of "text" (a string) and "ids"'),
+        ({}, 422, 'send one of "text" (a string) and "ids"'),
+        ({"ids": [1, 65]}, 422, "ids: each must be a whole number in [0, 64]"),
+        ({"text": "ë"}, 422, "text has characters ['ë'] that the model never saw"),
+        ({"text": "ab", "run": "bigram-plays/version_0"}, 422, "is a Bigram, which has no attention"),
+    ],
+)
+def test_bad_attention_requests_are_a_4xx_with_a_one_line_message(url, body, status, message):
+    answer = request(url, "POST", "/api/attention", json.dumps(body))
+    assert answer[0] == status and message in answer[1]["error"]
+
+
+def test_other_paths_and_methods_answer_in_json(url):
+    assert request(url, "GET", "/api/nope") == (404, {"error": "/api/nope: Not Found"})
+    assert request(url, "GET", "/api/generate") == (405, {"error": "/api/generate: Method Not Allowed"})
+
+
+def test_a_client_that_leaves_mid_stream_stops_its_generation(url):
+    connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+    connection.request("POST", "/api/generate", body=json.dumps({"max_new_tokens": MAX_NEW_TOKENS}))
+    received = events(connection.getresponse())
+    assert next(received)[0] == "start" and next(received)[0] == "token"
+    assert request(url, "GET", "/api/runs")[1]["generating"] == 1
+    connection.close()  # 100,000 tokens would take minutes: the generation ends when the server sees it gone
+    deadline = time.monotonic() + 30
+    while request(url, "GET", "/api/runs")[1]["generating"]:
+        assert time.monotonic() < deadline, "the generation went on after its client left"
+        time.sleep(0.05)
+
+
+def test_a_generation_asked_to_stop_takes_no_further_step(runs):
+    from charlm import checkpoints
+
+    net, tokenizer = checkpoints.load_net(runs / "checkpoints/gpt-cpu-plays/version_0/last.ckpt")
+    stop, sent = threading.Event(), []
+
+    def send(kind, data):
+        sent.append(kind)
+        stop.set()  # the client leaves as its first token goes out
+
+    settings = {"seed": 1, "max_new_tokens": 1000, "temperature": 1.0, "top_k": None, "top_p": None}
+    produce(net, tokenizer, "cpu", [0], settings, stop, send)
+    assert sent == ["token", None] and all(block.attn.kv_cache is None for block in net.h)  # the cache is freed
+
+
+def test_eight_clients_at_once_each_get_their_own_text(url):
+    alone = {seed: text_of(stream(url, seed=seed, max_new_tokens=150)) for seed in range(8)}
+    with ThreadPoolExecutor(8) as pool:
+        together = dict(
+            zip(range(8), pool.map(lambda seed: text_of(stream(url, seed=seed, max_new_tokens=150)), range(8)))
+        )
+    assert together == alone and len(set(alone.values())) == 8
+
+
+def test_serve_prints_its_address_warns_off_localhost_and_stops_on_ctrl_c_with_130(runs):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "charlm", "serve", "--host", "0.0.0.0", "--port", "0"],
+        cwd=runs, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("charlm: playground at http://0.0.0.0:"), process.stderr.read()
+        port = int(line.split(":")[3].split()[0])
+        status, answer = request(f"http://127.0.0.1:{port}", "GET", "/api/runs")
+        assert status == 200 and {run["name"] for run in answer["runs"]} >= {"gpt-cpu-plays/version_0"}
+        page = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        page.request("GET", "/")
+        assert b"charlm playground" in page.getresponse().read()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 130
+        stderr = process.stderr.read()
+        assert "warning: listening on 0.0.0.0: anyone who can reach this machine can use it" in stderr
+        assert "charlm: SIGINT received: stopped" in stderr
+    finally:
+        process.kill()
+
+
+def test_serve_without_its_extra_or_on_a_taken_port_says_so_in_one_line(runs, capsys):
+    code = "import sys; sys.modules['uvicorn'] = None; from charlm.__main__ import main; main(['serve'])"
+    result = subprocess.run([sys.executable, "-c", code], cwd=runs, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr == "charlm: error: charlm serve needs uvicorn and starlette: pip install -e '.[serve]'\n"
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=rf"cannot listen on 127.0.0.1:{port} \(Address already in use\)"):
+            main(["serve", "--ckpt_path", str(runs / "checkpoints"), "--runs", str(runs / "checkpoints"),
+                  "--port", str(port)])  # fmt: skip
+
+
+# --- the page, in a real headless Chromium ------------------------------------------------------------------------
+
+CHROMIUM_FLAGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def browser():
+    path = os.environ.get("CHARLM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        message = "no Chromium here: apt-get install chromium (or set CHARLM_CHROMIUM to one)"
+        if os.environ.get("CHARLM_NEED_BROWSER"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=path, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, url):
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda error: errors.append(error))
+    page.goto(url)
+    page.wait_for_selector("#run option", state="attached")
+    yield page
+    page.close()
+    assert not errors, errors
+
+
+def shown_text(page) -> str:
+    return page.evaluate("Array.from(document.querySelectorAll('#output .tok'), s => s.textContent).join('')")
+
+
+def test_the_page_streams_what_charlm_generate_prints_and_shows_a_characters_candidates_and_attention(
+    page, runs, capsys
+):
+    page.fill("#prompt", "KING")
+    page.fill("#max_new_tokens", "60")
+    page.fill("#seed", "11")
+    page.fill("#temperature", "0.9")
+    page.click("#generate")
+    page.wait_for_selector("#output[data-state=done]")
+    ckpt = runs / "checkpoints/gpt-cpu-plays/version_0"
+    assert shown_text(page) == cli_text(ckpt, capsys, "--prompt", "KING", "--max_new_tokens", "60", "--seed", "11",
+                                        "--temperature", "0.9")  # fmt: skip
+
+    page.click("#output .tok.gen >> nth=20")
+    page.wait_for_selector("#heads figure")
+    drawn = page.text_content("#output .tok.gen >> nth=20")
+    assert page.text_content("#candidates .row.drawn .char") == {"\n": "↵", " ": "␣"}.get(drawn, drawn)
+    assert page.locator("#candidates .row").count() >= 2
+    assert page.locator("#heads figure").count() == 2  # 1 layer x 2 heads
+    assert page.locator("#edges path").count() >= 1  # the edges to what it attended to
+
+    page.click("#output .tok.prompt >> nth=2")
+    page.wait_for_function("document.querySelectorAll('#heads canvas')[0].width === 3")  # positions 0..2
+    assert "typed, not drawn" in page.text_content("#candidates")
+
+
+def test_the_page_stops_a_long_generation_and_the_server_lets_it_go(page, url):
+    page.fill("#max_new_tokens", str(MAX_NEW_TOKENS))
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('#output .tok.gen').length > 20")
+    page.click("#stop")
+    assert page.get_attribute("#output", "data-state") == "stopped"
+    count = page.locator("#output .tok.gen").count()
+    deadline = time.monotonic() + 30
+    while request(url, "GET", "/api/runs")[1]["generating"]:
+        assert time.monotonic() < deadline, "the server went on generating for a page that stopped"
+        time.sleep(0.05)
+    assert page.locator("#output .tok.gen").count() == count < MAX_NEW_TOKENS  # nothing more came
+
+
+def test_the_page_switches_runs_and_says_a_bigram_has_no_attention(page, runs, capsys):
+    page.select_option("#run", "bigram-plays/version_0")
+    page.fill("#max_new_tokens", "25")
+    page.click("#generate")
+    page.wait_for_selector("#output[data-state=done]")
+    ckpt = runs / "checkpoints/bigram-plays/version_0"
+    assert shown_text(page) == cli_text(ckpt, capsys, "--prompt", "ROMEO:", "--max_new_tokens", "25")
+    page.click("#output .tok.gen >> nth=3")
+    page.wait_for_selector("#candidates .row")
+    assert page.is_visible("#no-attention") and not page.is_visible("#attention-pick")
+
+
+def test_the_page_shows_the_servers_message_for_a_bad_setting(page):
+    page.fill("#temperature", "-1")
+    page.click("#generate")
+    page.wait_for_selector("#output[data-state=error]")
+    assert page.text_content("#status") == "temperature -1 is outside [0, inf]"
