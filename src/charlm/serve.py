@@ -259,12 +259,13 @@ async def read_body(request, limit: int) -> bytes:
     return body
 
 
-def candidates(tokenizer, probs, n: int, drawn: int) -> list:
-    """The n most likely tokens of a distribution and the drawn one, as [label, probability], without those it
-    rules out."""
-    values, ids = probs.topk(min(n, probs.numel()))
-    ids = ids.tolist() + ([] if drawn in ids else [drawn])
-    return [[tokenizer.decode([i]), float(f"{p:.4g}")] for i, p in zip(ids, probs[ids].tolist()) if p > 0]
+def candidates(names: list[str], probs, n: int, drawn: int) -> tuple[float, list]:
+    """The drawn token's probability, and the n most likely tokens of a distribution and the drawn one as [label,
+    probability], without those it rules out (one topk and one copy from the tensor: this runs at every token)."""
+    values, ids = (t.tolist() for t in probs.topk(min(n, probs.numel())))
+    p = values[ids.index(drawn)] if drawn in ids else probs[drawn].item()
+    top = [[names[i], float(f"{v:.4g}")] for i, v in zip(ids, values) if v > 0]
+    return float(f"{p:.4g}"), top if drawn in ids else [*top, [names[drawn], float(f"{p:.4g}")]]
 
 
 def produce(net, tokenizer, device: str, prompt_ids: list[int], s: dict, stop: threading.Event, send) -> None:
@@ -277,6 +278,7 @@ def produce(net, tokenizer, device: str, prompt_ids: list[int], s: dict, stop: t
         generator = torch.Generator(device=device).manual_seed(s["seed"])
         idx = torch.tensor([prompt_ids], device=device)
         decoder, count, started = tokenizer.decoder(), 0, time.perf_counter()
+        names = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
         steps = sampling.generate(
             net, idx, s["max_new_tokens"], s["temperature"], s["top_k"], s["top_p"], generator, with_probs=True
         )
@@ -285,9 +287,8 @@ def produce(net, tokenizer, device: str, prompt_ids: list[int], s: dict, stop: t
                 steps.close()  # frees the KV cache now
                 return
             token, probs = next_id.item(), probs[0]
-            p, label = float(f"{probs[token].item():.4g}"), tokenizer.decode([token])
-            send("token", {"id": token, "text": decoder.push(token), "label": label, "p": p,
-                           "top": candidates(tokenizer, probs, TOP, token)})  # fmt: skip
+            p, top = candidates(names, probs, TOP, token)
+            send("token", {"id": token, "text": decoder.push(token), "label": names[token], "p": p, "top": top})
             count += 1
         send("end", {"text": decoder.flush(), "tokens": count, "seconds": round(time.perf_counter() - started, 3)})
     except Exception as e:  # the stream has begun: the error is its last event
@@ -358,8 +359,13 @@ def playground(runs: Runs, max_prompt: int, max_new_tokens: int):
             worker.start()
             workers.add(worker)
             try:
-                while (event := await queue.get()) is not None:
-                    yield event
+                while True:
+                    batch = [await queue.get()]
+                    while not queue.empty():  # what queued up meanwhile goes out in one write
+                        batch.append(queue.get_nowait())
+                    yield "".join(batch[:-1] if batch[-1] is None else batch)
+                    if batch[-1] is None:  # the worker's last word
+                        break
             finally:  # done, or the client left (Starlette cancels this): the worker stops within a step
                 stop.set()
 
