@@ -34,6 +34,7 @@ from charlm.commands import Device
 LOCAL = ("127.0.0.1", "localhost", "::1")
 KINDS = {str: "a string", int: "a whole number", float: "a finite number", list: "a list"}  # as JSON says them
 TOP = 10  # candidates sent with every token, and the drawn one if it is not among them
+FRAME = 0.01  # seconds of tokens sent together: faster than a screen refreshes
 KEEP = 2  # nets kept loaded: the served one and the one picked last
 
 
@@ -342,12 +343,23 @@ def playground(runs: Runs, max_prompt: int, max_new_tokens: int):
         prompt_ids = tokenizer.encode(prompt)
         loop, queue, stop = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
 
+        pending, sent = [], [0.0]  # events not yet handed over, and when the last were
+
         def send(kind, data):
-            event = None if kind is None else f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+            """Hand events to the event loop at most every FRAME seconds: one wake-up and one write for all the
+            tokens of a frame (the first and the last go at once)."""
+            if kind is not None:
+                pending.append(f"event: {kind}\ndata: {json.dumps(data)}\n\n")
+            if kind == "token" and time.perf_counter() - sent[0] < FRAME:
+                return
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
+                loop.call_soon_threadsafe(queue.put_nowait, "".join(pending))
+                pending.clear()
+                if kind is None:
+                    loop.call_soon_threadsafe(queue.put_nowait, None)
             except RuntimeError:  # the server has stopped: nobody is listening
                 stop.set()
+            sent[0] = time.perf_counter()
 
         start = {"run": name, "prompt": prompt, "ids": prompt_ids, "labels": labels(tokenizer, prompt_ids)}
         worker = threading.Thread(
@@ -359,13 +371,8 @@ def playground(runs: Runs, max_prompt: int, max_new_tokens: int):
             worker.start()
             workers.add(worker)
             try:
-                while True:
-                    batch = [await queue.get()]
-                    while not queue.empty():  # what queued up meanwhile goes out in one write
-                        batch.append(queue.get_nowait())
-                    yield "".join(batch[:-1] if batch[-1] is None else batch)
-                    if batch[-1] is None:  # the worker's last word
-                        break
+                while (events := await queue.get()) is not None:
+                    yield events
             finally:  # done, or the client left (Starlette cancels this): the worker stops within a step
                 stop.set()
 

@@ -257,8 +257,8 @@ function drawEdges(spans, first, weights) {
     const lift = 12 + Math.min(60, Math.abs(x1 - x0) / 4);
     const path = document.createElementNS("http://www.w3.org/2000/svg", "path");
     path.setAttribute("d", `M ${x1} ${y1} Q ${(x0 + x1) / 2} ${Math.min(y0, y1) - lift} ${x0} ${y0}`);
-    path.setAttribute("stroke-width", (0.5 + 3 * w).toFixed(2));
-    path.setAttribute("stroke-opacity", Math.min(1, 0.15 + w).toFixed(3));
+    path.setAttribute("stroke-width", (1 + 4 * w).toFixed(2));
+    path.setAttribute("stroke-opacity", Math.min(1, 0.3 + 1.5 * w).toFixed(3));
     svg.append(path);
   });
   $("edges")?.remove();
