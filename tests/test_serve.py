@@ -280,11 +280,16 @@ def test_serve_prints_its_address_warns_off_localhost_and_stops_on_ctrl_c_with_1
         page = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         page.request("GET", "/")
         assert b"charlm playground" in page.getresponse().read()
-        process.send_signal(signal.SIGINT)
+        streaming = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        streaming.request("POST", "/api/generate", body=json.dumps({"max_new_tokens": 10000}))
+        received = events(streaming.getresponse())
+        assert next(received)[0] == "start" and next(received)[0] == "token"
+        process.send_signal(signal.SIGINT)  # with a generation under way: it ends, and so does the server
         assert process.wait(timeout=30) == 130
+        assert list(received)[-1] == ("error", {"error": "the server stopped"})
         stderr = process.stderr.read()
         assert "warning: listening on 0.0.0.0: anyone who can reach this machine can use it" in stderr
-        assert "charlm: SIGINT received: stopped" in stderr
+        assert stderr.endswith("charlm: SIGINT received: stopped\n") and "Traceback" not in stderr
     finally:
         process.kill()
 

@@ -92,10 +92,9 @@ def serve(
     shown = f"[{address[0]}]" if ":" in address[0] else address[0]
     print(f"charlm: serving {served} on {device}", file=sys.stderr)
     print(f"charlm: playground at http://{shown}:{address[1]}  (Ctrl-C stops it)", flush=True)
-    config = uvicorn.Config(
-        playground(catalogue, max_prompt, max_new_tokens), log_level="warning", timeout_graceful_shutdown=1
-    )
-    uvicorn.Server(config).run(sockets=[listener])  # a Ctrl-C is raised again once it has stopped: exit 130
+    app = playground(catalogue, max_prompt, max_new_tokens, stopping=lambda: server.should_exit)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    server.run(sockets=[listener])  # a Ctrl-C is raised again once it has stopped: exit 130
 
 
 class Runs:
@@ -298,8 +297,9 @@ def produce(net, tokenizer, device: str, prompt_ids: list[int], s: dict, stop: t
         send(None, None)
 
 
-def playground(runs: Runs, max_prompt: int, max_new_tokens: int):
-    """The Starlette app: the page and the API."""
+def playground(runs: Runs, max_prompt: int, max_new_tokens: int, stopping=lambda: False):
+    """The Starlette app: the page and the API; `stopping()` says when the server is shutting down, and every
+    stream then ends."""
     import torch
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
@@ -373,6 +373,9 @@ def playground(runs: Runs, max_prompt: int, max_new_tokens: int):
             try:
                 while (events := await queue.get()) is not None:
                     yield events
+                    if stopping():  # the stream ends, so the server can: it waits for open responses
+                        yield 'event: error\ndata: {"error": "the server stopped"}\n\n'
+                        break
             finally:  # done, or the client left (Starlette cancels this): the worker stops within a step
                 stop.set()
 
