@@ -294,7 +294,7 @@ def test_serve_prints_its_address_warns_off_localhost_and_stops_on_ctrl_c_with_1
         process.kill()
 
 
-def test_serve_without_its_extra_or_on_a_taken_port_says_so_in_one_line(runs, capsys):
+def test_serve_without_its_extra_on_a_taken_port_or_a_foreign_host_says_so_in_one_line(runs, capsys):
     code = "import sys; sys.modules['uvicorn'] = None; from charlm.__main__ import main; main(['serve'])"
     result = subprocess.run([sys.executable, "-c", code], cwd=runs, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
@@ -302,9 +302,11 @@ def test_serve_without_its_extra_or_on_a_taken_port_says_so_in_one_line(runs, ca
 
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        with pytest.raises(SystemExit, match=rf"cannot listen on 127.0.0.1:{port} \(Address already in use\)"):
+        with pytest.raises(SystemExit, match=rf"cannot listen on 127.0.0.1:{port}: the port is in use: pass --port"):
             main(["serve", "--ckpt_path", str(runs / "checkpoints"), "--runs", str(runs / "checkpoints"),
                   "--port", str(port)])  # fmt: skip
+    with pytest.raises(SystemExit, match=r"cannot listen on nosuch.invalid: it is no address of this machine: use 127"):
+        main(["serve", "--ckpt_path", str(runs / "checkpoints"), "--host", "nosuch.invalid"])
 
 
 # --- the page, in a real headless Chromium ------------------------------------------------------------------------

@@ -16,9 +16,9 @@ leaving.
 
 import asyncio
 import copy
+import errno
 import json
 import math
-import os
 import socket
 import sys
 import threading
@@ -27,11 +27,12 @@ from collections import OrderedDict
 from importlib.resources import files
 from pathlib import Path
 
-from jsonargparse.typing import NonNegativeInt, PositiveInt
+from jsonargparse.typing import PositiveInt, restricted_number_type
 
 from charlm.commands import Device
 
 LOCAL = ("127.0.0.1", "localhost", "::1")
+Port = restricted_number_type("Port", int, [(">=", 0), ("<=", 65535)])
 KINDS = {str: "a string", int: "a whole number", float: "a finite number", list: "a list"}  # as JSON says them
 TOP = 10  # candidates sent with every token, and the drawn one if it is not among them
 FRAME = 0.01  # seconds of tokens sent together: faster than a screen refreshes
@@ -50,7 +51,7 @@ def serve(
     ckpt_path: str = "last",
     runs: str = "checkpoints",
     host: str = "127.0.0.1",
-    port: NonNegativeInt = 8000,
+    port: Port = 8000,
     device: Device = "auto",
     max_prompt: PositiveInt = 4000,
     max_new_tokens: PositiveInt = 10000,
@@ -84,8 +85,13 @@ def serve(
     try:
         listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as e:
-        reason = os.strerror(e.errno) if e.errno else str(e)  # create_server's own strerror repeats the address
-        raise OSError(f"cannot listen on {host}:{port} ({reason}): pass --port another (0 picks a free one)") from None
+        if e.errno == errno.EADDRINUSE:
+            raise OSError(
+                f"cannot listen on {host}:{port}: the port is in use: pass --port another (0 picks a free one)"
+            ) from None
+        raise OSError(
+            f"cannot listen on {host}: it is no address of this machine: use 127.0.0.1, or one of its own"
+        ) from None
     if host not in LOCAL:
         print(f"charlm: warning: listening on {host}: anyone who can reach this machine can use it", file=sys.stderr)
     address = listener.getsockname()
