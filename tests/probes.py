@@ -39,3 +39,15 @@ class SayValidating(L.Callback):
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         if batch_idx == 0:
             print("probe: validating", file=sys.stderr, flush=True)
+
+
+class Spoil(L.Callback):
+    """Overwrite a file's bytes in place (the same inode, so open handles see it) when training starts: a database
+    that breaks under a running program."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module):
+        with open(self.path, "r+b") as f:
+            f.write(b"spoiled " * (os.path.getsize(self.path) // 8))

@@ -245,3 +245,14 @@ def test_a_space_that_no_longer_matches_the_study_is_one_line(text, tmp_path):
         main(sweep_command(tmp_path, text, n_trials=2, space=changed))
     assert str(exit_info.value.code).startswith(f"charlm: error: --space {tmp_path}/space.yaml no longer matches sweep")
     assert str(exit_info.value.code).endswith("restore the space, or pass --study with a new name")
+
+
+def test_a_database_spoiled_under_a_running_sweep_is_one_line(text, tmp_path):
+    spoil = ["--trainer.callbacks+=probes.Spoil", "--trainer.callbacks.init_args.path", "sweeps/space/study.db"]
+    with pytest.raises(SystemExit) as exit_info:  # the first trial's fit overwrites the database as it starts
+        main([*sweep_command(tmp_path, text, n_trials=2), *spoil])
+    assert re.fullmatch(
+        r"charlm: error: sweep space: its storage sqlite:///sweeps/space/study.db cannot be used \(.+\): remove or "
+        r"repair sweeps/space/study.db",
+        str(exit_info.value.code),
+    )

@@ -20,7 +20,7 @@ import shutil
 import socket
 import sys
 import time
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Literal
 
@@ -40,6 +40,24 @@ except ImportError:  # an optional extra: the other commands do not need it
     optuna = None
 
 SWEEPS = Path("sweeps")
+
+
+class SweepError(ValueError):
+    """A sweep's own one-line error, said as it is; anything else raised while its storage is in use is the
+    storage's."""
+
+
+@contextmanager
+def storage_in_use(name: str, url: str, fix: str):
+    """Whatever the database or its driver raises, opening the study or at any moment after (a database spoiled,
+    locked or removed under a running sweep), as one line naming the storage and the fix."""
+    try:
+        yield
+    except (SweepError, OSError):  # charlm's own errors, and those of its files and locks
+        raise
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"sweep {name}: its storage {url} cannot be used ({reason}): {fix}") from None
 
 
 class Pruning(L.Callback):
@@ -265,8 +283,9 @@ def sweep(
     samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
     if show_only and storage is None and not (folder / "study.db").is_file():
         raise ValueError(f"--study {name}: there is no {folder / 'study.db'}: run the sweep first")
-    with lock_folder(folder):  # two workers starting at once would both create the tables
-        try:
+    fix = f"remove or repair {folder / 'study.db'}" if storage is None else "pass a --storage Optuna can open"
+    with storage_in_use(name, url, fix):
+        with lock_folder(folder):  # two workers starting at once would both create the tables
             rdb = optuna.storages.RDBStorage(url)
             options = {"sampler": samplers[sampler](seed=seed), "pruner": median_pruner(pruner_startup_trials)}
             if show_only:
@@ -275,67 +294,63 @@ def sweep(
                 the_study = optuna.create_study(
                     storage=rdb, study_name=name, direction="minimize", load_if_exists=True, **options
                 )
-        except Exception as e:  # whatever the database or its driver raises: the storage is not usable
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            fix = f"remove or repair {folder / 'study.db'}" if storage is None else "pass a --storage Optuna can open"
-            raise ValueError(f"sweep {name}: its storage {url} cannot be used ({reason}): {fix}") from None
-    flags = [*(["--config", config] if config else []), *(fit or [])]
-    flags += [f"--trainer.max_steps={max_steps}"] if max_steps else []
-    while not show_only:
-        with lock_folder(folder):
-            reap(the_study, rdb, local=storage is None)
-            if sum(counted(t) for t in the_study.get_trials(deepcopy=False)) >= n_trials:
+        flags = [*(["--config", config] if config else []), *(fit or [])]
+        flags += [f"--trainer.max_steps={max_steps}"] if max_steps else []
+        while not show_only:
+            with lock_folder(folder):
+                reap(the_study, rdb, local=storage is None)
+                if sum(counted(t) for t in the_study.get_trials(deepcopy=False)) >= n_trials:
+                    break
+                try:
+                    trial = the_study.ask(distributions)
+                except ValueError as e:  # a flag's distribution changed since the study's first trials
+                    raise SweepError(
+                        f"--space {space} no longer matches sweep {name} ({e}): restore the space, or pass --study "
+                        "with a new name"
+                    ) from None
+                trial.set_user_attr("owner", owner())
+            ahead = [t for t in the_study.get_trials(deepcopy=False) if t.number < trial.number and counted(t)]
+            if len(ahead) >= n_trials:  # another worker asked for the last trial in the same moment
+                the_study.tell(trial, state=TrialState.FAIL)
                 break
+            print(
+                f"charlm sweep: trial {trial.number} ({len(ahead) + 1} of {n_trials}) running, its output in "
+                f"{folder / f'trial_{trial.number}' / 'fit.log'}",
+                file=sys.stderr,
+                flush=True,
+            )
+            start = time.monotonic()
             try:
-                trial = the_study.ask(distributions)
-            except ValueError as e:  # a flag's distribution changed since the study's first trials
-                raise ValueError(
-                    f"--space {space} no longer matches sweep {name} ({e}): restore the space, or pass --study with a "
-                    "new name"
-                ) from None
-            trial.set_user_attr("owner", owner())
-        ahead = [t for t in the_study.get_trials(deepcopy=False) if t.number < trial.number and counted(t)]
-        if len(ahead) >= n_trials:  # another worker asked for the last trial in the same moment
-            the_study.tell(trial, state=TrialState.FAIL)
-            break
-        print(
-            f"charlm sweep: trial {trial.number} ({len(ahead) + 1} of {n_trials}) running, its output in "
-            f"{folder / f'trial_{trial.number}' / 'fit.log'}",
-            file=sys.stderr,
-            flush=True,
-        )
-        start = time.monotonic()
-        try:
-            value = run_trial(trial, folder, flags, keep_checkpoints)
-        except optuna.TrialPruned as e:
-            the_study.tell(trial, state=TrialState.PRUNED)
-            outcome = str(e)
-        except Failed as e:
-            trial.set_user_attr("error", str(e))
-            the_study.tell(trial, state=TrialState.FAIL)
-            outcome = f"failed: {e}"
-        except BaseException:  # Ctrl-C, a kill: the trial is not the study's; the next run goes on without it
-            the_study.tell(trial, state=TrialState.FAIL)
-            raise
-        else:
-            the_study.tell(trial, value)
-            outcome = f"val loss {value:.4f}"
-        print(
-            f"trial {trial.number:<3} {values(trial.params)}  {outcome}  {time.monotonic() - start:.1f} s"
-            + best_so_far(the_study),
-            flush=True,
-        )
-    show(the_study, distributions, top)
-    if not any(t.state == TrialState.COMPLETE for t in the_study.get_trials(deepcopy=False)):
-        raise ValueError(
-            f"no trial of sweep {name} completed: see why above and in {folder}/trial_N/fit.log, then change the space "
-            "or the flags"
-        )
-    best = the_study.best_trial
-    path = best_config(folder, best) or folder / f"trial_{best.number}/version_0/config.yaml"
-    if path.name != "best.yaml":
-        print(f"charlm sweep: {folder / 'best.yaml'} was edited, so it is kept as it is", file=sys.stderr)
-    print(f"charlm sweep: the best trial's config: {path} (python -m charlm fit --config {path})")
+                value = run_trial(trial, folder, flags, keep_checkpoints)
+            except optuna.TrialPruned as e:
+                the_study.tell(trial, state=TrialState.PRUNED)
+                outcome = str(e)
+            except Failed as e:
+                trial.set_user_attr("error", str(e))
+                the_study.tell(trial, state=TrialState.FAIL)
+                outcome = f"failed: {e}"
+            except BaseException:  # Ctrl-C, a kill: the trial is not the study's; the next run goes on without it
+                the_study.tell(trial, state=TrialState.FAIL)
+                raise
+            else:
+                the_study.tell(trial, value)
+                outcome = f"val loss {value:.4f}"
+            print(
+                f"trial {trial.number:<3} {values(trial.params)}  {outcome}  {time.monotonic() - start:.1f} s"
+                + best_so_far(the_study),
+                flush=True,
+            )
+        show(the_study, distributions, top)
+        if not any(t.state == TrialState.COMPLETE for t in the_study.get_trials(deepcopy=False)):
+            raise SweepError(
+                f"no trial of sweep {name} completed: see why above and in {folder}/trial_N/fit.log, then change "
+                "the space or the flags"
+            )
+        best = the_study.best_trial
+        path = best_config(folder, best) or folder / f"trial_{best.number}/version_0/config.yaml"
+        if path.name != "best.yaml":
+            print(f"charlm sweep: {folder / 'best.yaml'} was edited, so it is kept as it is", file=sys.stderr)
+        print(f"charlm sweep: the best trial's config: {path} (python -m charlm fit --config {path})")
 
 
 def brief(value) -> str:
