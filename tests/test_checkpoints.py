@@ -5,6 +5,8 @@ disk and given to the commands that read that part of it.
 """
 
 import copy
+import os
+import shutil
 import subprocess
 import sys
 
@@ -125,3 +127,38 @@ def test_any_bytes_as_a_checkpoint_are_one_line(run, tmp_path, monkeypatch):
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("charlm: error: broken.ckpt is not a valid checkpoint")
+
+
+def test_a_fifo_or_a_device_where_a_checkpoint_should_be_is_refused_without_opening_it(run, corpus, tmp_path):
+    """Opening a FIFO waits for a writer, and a device reads forever: each is refused from its kind alone. A new
+    process runs the commands, so that a regression hangs only it, until its timeout."""
+    cwd, _ = run
+    shutil.copytree(cwd / "checkpoints", tmp_path / "checkpoints")
+    os.mkfifo(tmp_path / "pipe.ckpt")
+    (tmp_path / "zero.ckpt").symlink_to("/dev/zero")
+    (tmp_path / "checkpoints/odd").mkdir()
+    os.mkfifo(tmp_path / "checkpoints/odd/last.ckpt")  # the newest last.ckpt under checkpoints/, and no file
+    cases = [
+        ["generate", "--ckpt_path", "pipe.ckpt"],
+        ["generate", "--ckpt_path", "zero.ckpt"],
+        ["generate", "--ckpt_path", "checkpoints/odd"],
+        ["fit", *tiny(corpus), "--model.init_from", "pipe.ckpt"],
+        ["generate", "--ckpt_path", "last", "--max_new_tokens", "3"],
+    ]
+    code = f"""from charlm.__main__ import main
+for argv in {cases!r}:
+    try:
+        main(argv)
+    except SystemExit as e:
+        print(e.code, flush=True)
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.stdout.splitlines()[:4] == [
+        "charlm: error: --ckpt_path pipe.ckpt is a FIFO, not a checkpoint: pass a .ckpt file, a folder, last, best",
+        "charlm: error: --ckpt_path zero.ckpt is a device, not a checkpoint: pass a .ckpt file, a folder, last, best",
+        "charlm: error: --ckpt_path checkpoints/odd: checkpoints/odd/last.ckpt is a FIFO, not a checkpoint: remove "
+        "it, or pass a file",
+        "charlm: error: --model.init_from pipe.ckpt is a FIFO, not a checkpoint: pass a .ckpt file, a folder, last, "
+        "best",
+    ]
+    assert "sampling from checkpoints/gpt-cpu-plays/version_0/last.ckpt" in result.stderr  # the FIFO passed over

@@ -28,6 +28,7 @@ import torch
 from jsonargparse import Namespace
 from rich.console import Console
 
+from charlm.corpus import file_kind
 from charlm.models import GPT, Bigram, Net
 from charlm.tokenizers import Tokenizer, tokenizer_from_state
 
@@ -41,14 +42,22 @@ def resolve(ckpt_path: str, folder: Path, flag: str = "--ckpt_path") -> Path:
     `best` look in."""
     if ckpt_path not in ("last", "best"):
         folder = Path(ckpt_path)
-        if folder.is_file():
+        kind = file_kind(folder)
+        if kind == "a regular file":
             return folder
-        if not folder.is_dir():
+        if kind == "missing":
             raise FileNotFoundError(f"{flag} {ckpt_path} does not exist: pass a .ckpt file, a folder, last or best")
+        if kind != "a folder":
+            raise ValueError(f"{flag} {ckpt_path} is {kind}, not a checkpoint: pass a .ckpt file, a folder, last, best")
     last = folder / LAST
-    if not last.is_file():
-        # checkpoints/<name>/version_N/last.ckpt: a run's folder holds its versions, checkpoints/ its runs
-        below = sorted([*folder.glob(f"*/{LAST}"), *folder.glob(f"*/*/{LAST}")], key=lambda p: p.stat().st_mtime)
+    kind = file_kind(last)
+    if kind not in ("a regular file", "missing"):
+        raise ValueError(f"{flag} {ckpt_path}: {last} is {kind}, not a checkpoint: remove it, or pass a file")
+    if kind == "missing":
+        # checkpoints/<name>/version_N/last.ckpt: a run's folder holds its versions, checkpoints/ its runs; a FIFO
+        # or device of that name is no checkpoint (opening a FIFO would wait for a writer)
+        found = [*folder.glob(f"*/{LAST}"), *folder.glob(f"*/*/{LAST}")]
+        below = sorted([p for p in found if file_kind(p) == "a regular file"], key=lambda p: p.stat().st_mtime)
         if not below:
             raise FileNotFoundError(
                 f"{flag} {ckpt_path}: no {LAST} in {folder.resolve()}/: train first, or pass a file"
@@ -71,7 +80,10 @@ def read(path: Path, device: torch.device | str = "cpu") -> dict:
 
     Everything charlm reads from it without a model at hand is checked here (`check_layout`), before anything uses it.
     """
-    with open(path, "rb") as f:  # an error here is the file's (unreadable), after it the bytes'
+    kind = file_kind(path)
+    if kind not in ("a regular file", "missing"):  # checked before opening: opening a FIFO waits for a writer
+        raise ValueError(f"{path} is {kind}, not a checkpoint: pass a .ckpt file charlm saved")
+    with open(path, "rb") as f:  # an error here is the file's (unreadable, missing), after it the bytes'
         try:
             ckpt = torch.load(f, map_location=device, weights_only=True)
         except Exception as e:  # whatever its bytes make the unpickler raise, they are no checkpoint
