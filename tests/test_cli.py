@@ -496,6 +496,7 @@ def test_generate_last_without_runs_says_where_it_looked(tmp_path, monkeypatch):
         ("--top_p", "1.5", "v>0 and v<=1"),
         ("--max_new_tokens", "-1", "v>=0"),
         ("--num_samples", "0", "v>0"),
+        ("--seed", str(2**64), "v>=-9223372036854775808 and v<=18446744073709551615"),  # a generator's range
     ],
 )
 def test_generate_rejects_out_of_range_arguments_at_parse_time(capsys, flag, value, allowed):

@@ -10,6 +10,8 @@ from typing import Literal
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt, restricted_number_type
 
 Probability = restricted_number_type("Probability", float, [(">", 0), ("<=", 1)])
+SEEDS = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+Seed = restricted_number_type("Seed", int, [(">=", SEEDS[0]), ("<=", SEEDS[1])])
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DEFAULT_PICTURE = "attention.png"
 
@@ -64,7 +66,7 @@ def generate(
     top_k: PositiveInt | None = None,
     top_p: Probability | None = None,
     num_samples: PositiveInt = 1,
-    seed: int = 1337,
+    seed: Seed = 1337,
     device: Device = "auto",
     unknown: Literal["error", "skip"] = "error",
 ) -> None:

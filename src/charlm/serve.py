@@ -29,7 +29,7 @@ from pathlib import Path
 
 from jsonargparse.typing import PositiveInt, restricted_number_type
 
-from charlm.commands import Device
+from charlm.commands import SEEDS, Device
 
 LOCAL = ("127.0.0.1", "localhost", "::1")
 Port = restricted_number_type("Port", int, [(">=", 0), ("<=", 65535)])
@@ -336,7 +336,7 @@ def playground(runs: Runs, max_prompt: int, max_new_tokens: int, stopping=lambda
             "temperature": field(given, "temperature", float, 0.8),
             "top_k": field(given, "top_k", int, None, low=1),
             "top_p": field(given, "top_p", float, None, high=1, above=True),
-            "seed": field(given, "seed", int, 1337, low=-(2**63), high=2**64 - 1),
+            "seed": field(given, "seed", int, 1337, *SEEDS),
             "unknown": choice(given, "unknown", ("error", "skip")),
         })  # fmt: skip
         net, tokenizer, name = await asyncio.to_thread(runs.get, s["run"])
