@@ -5,12 +5,18 @@ The model is by default the 6-layer, 6-head, 384-wide GPT of configs/gpt.yaml at
 cache, every step re-runs the last block_size characters, as nanoGPT's sample.py does; with it, every step computes
 one position (plus a re-fill of the cache every block_size // 2 steps).
 
-    python benchmarks/generate_speed.py [--new_tokens 2000] [--device cpu]
+The two alternate, --rounds times (a shared machine's speed drifts within a minute); the speed-up is the ratio of
+the medians.
+
+    python benchmarks/generate_speed.py [--new_tokens 2000] [--rounds 3] [--device cpu]
     python benchmarks/generate_speed.py --n_layer 4 --n_head 4 --n_embd 128 --block_size 64   # nanoGPT CPU size
 """
 
 import argparse
+import platform
 import resource
+import statistics
+import subprocess
 import time
 
 import torch
@@ -33,6 +39,7 @@ def chars_per_second(net: GPT, new_tokens: int, use_cache: bool, device: str) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new_tokens", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--n_layer", type=int, default=6)
     parser.add_argument("--n_head", type=int, default=6)
@@ -42,14 +49,27 @@ def main() -> None:
     torch.manual_seed(0)
     sizes = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size)
     net = GPT(vocab_size=65, **sizes).to(args.device).eval()
-    chars_per_second(net, 50, True, args.device)  # warm up
-    cached = chars_per_second(net, args.new_tokens, True, args.device)
-    uncached = chars_per_second(net, args.new_tokens, False, args.device)
-    print(f"GPT {sizes}, device {args.device}, {torch.get_num_threads()} threads, {args.new_tokens} new characters")
-    print(f"without KV cache: {uncached:8.1f} chars/s")
-    print(f"with KV cache:    {cached:8.1f} chars/s")
-    print(f"speed-up:         {cached / uncached:8.1f}x")
+    chars_per_second(net, 50, True, args.device)  # warm up (and measure the faster single-position product)
+    rates = {True: [], False: []}
+    for _ in range(args.rounds):
+        for use_cache in (True, False):
+            rates[use_cache].append(chars_per_second(net, args.new_tokens, use_cache, args.device))
+    print(f"GPT {sizes}, device {args.device} ({cpu_model()}), {torch.get_num_threads()} threads, {args.new_tokens} "
+          f"new characters, {args.rounds} rounds alternating")  # fmt: skip
+    cached, uncached = statistics.median(rates[True]), statistics.median(rates[False])
+    print(f"without KV cache: {uncached:8.1f} chars/s  (rounds: {', '.join(f'{r:.1f}' for r in rates[False])})")
+    print(f"with KV cache:    {cached:8.1f} chars/s  (rounds: {', '.join(f'{r:.1f}' for r in rates[True])})")
+    print(f"speed-up:         {cached / uncached:8.1f}x  (medians)")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+def cpu_model() -> str:
+    """lscpu's model name, which says more than platform.processor() on Linux."""
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
+    except (OSError, StopIteration, subprocess.SubprocessError):
+        return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Nothing here knows about Lightning, files or the command line.
 """
 
 import math
+import time
 from typing import Literal
 
 import torch
@@ -64,22 +65,49 @@ class Bigram(Net):
 
 
 class RowSplitLinear(nn.Linear):
-    """nn.Linear, with a faster product for a single position on a CPU (generation with the KV cache).
+    """nn.Linear, with the faster of two products for a single position on a CPU (generation with the KV cache).
 
-    A matrix-vector product is bound by reading the weight from memory, and torch runs it on one core. Split into one
-    block of rows per thread and batched (bmm), it runs on all of them. The same sums, added in another order.
+    A matrix-vector product is bound by reading the weight from memory. Some BLAS libraries run it on one core (MKL
+    on an AMD CPU); split into one block of rows per thread and batched (bmm), it runs on all of them. Others run it
+    well on all cores themselves (MKL on an Intel CPU), and the split only adds work. Which is faster is measured
+    once per weight shape and thread count, on the first product of that shape. The same sums, in another order.
     """
 
+    split_is_faster: dict[tuple[int, int, int], bool] = {}  # (rows, cols, threads) -> measured on this machine
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.shape[:-1].numel() != 1:
+            return F.linear(x, self.weight, self.bias)
         # the thread count only for a single position on a CPU: torch.compile cannot trace it (a graph break)
-        parts = torch.get_num_threads() if x.device.type == "cpu" and x.shape[:-1].numel() == 1 else 1
+        parts = torch.get_num_threads()
+        key = (*self.weight.shape, parts)
+        split = self.split_is_faster.get(key)
+        if split is None:  # not measured yet (this runs at every product: the common case costs one lookup)
+            split = (
+                key[0] % parts == 0
+                and parts > 1
+                and fastest(lambda: self.split(x, parts), lambda: F.linear(x, self.weight, self.bias))
+            )
+            self.split_is_faster[key] = split
+        return self.split(x, parts) if split else F.linear(x, self.weight, self.bias)
+
+    def split(self, x: torch.Tensor, parts: int) -> torch.Tensor:
         rows, cols = self.weight.shape
-        if parts == 1 or rows % parts:
-            return super().forward(x)
         # the (cols, 1) column as a transposed row: with that layout, bmm runs its batch in parallel (measured)
         y = torch.bmm(self.weight.view(parts, rows // parts, cols), x.reshape(1, cols).T.expand(parts, -1, -1))
         y = y.reshape(*x.shape[:-1], rows)
         return y if self.bias is None else y + self.bias
+
+
+def fastest(first, second, repeats: int = 15) -> bool:
+    """Whether `first` runs faster than `second`: the best of `repeats` alternating timings of each."""
+    best = [math.inf, math.inf]
+    for _ in range(repeats):
+        for i, f in enumerate((first, second)):
+            start = time.perf_counter()
+            f()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best[0] < best[1]
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
