@@ -68,6 +68,7 @@ def serve(
         max_new_tokens: the most tokens one request may ask for.
     """
     try:
+        import starlette  # noqa: F401  (the app's: checked here, before a model is loaded)
         import uvicorn
     except ImportError:
         raise OSError("charlm serve needs uvicorn and starlette: pip install -e '.[serve]'") from None
