@@ -111,7 +111,7 @@ class Runs:
         self.folder, self.served, self.device = folder, served, device
         self.lock = threading.Lock()
         self.nets: OrderedDict[tuple, tuple] = OrderedDict()  # stat key -> (net, tokenizer), at most KEEP
-        self.facts: dict[tuple, dict] = {}  # stat key -> what the listing says of it
+        self.facts: dict[tuple, dict] = {}  # stat key -> what the listing says of it, read once per version
 
     def paths(self) -> dict[str, Path]:
         """Each run's name and checkpoint file, found again at every call (runs come and go)."""
@@ -132,34 +132,39 @@ class Runs:
         return (inside.parent if inside.name == "last.ckpt" else inside).as_posix()
 
     def listing(self) -> list[dict]:
-        return [
-            {"name": name, "served": path == self.served, **self.describe(path)} for name, path in self.paths().items()
-        ]
+        facts, self.facts = self.facts, {}  # only the files' current versions are kept: a run saves again and again
+        listed = []
+        for name, path in self.paths().items():
+            try:
+                key = stat_key(path)
+            except HTTPError as e:  # gone since the folder was listed
+                listed.append({"name": name, "served": path == self.served, "error": str(e)})
+                continue
+            self.facts[key] = facts.get(key) or self.describe(path)
+            listed.append({"name": name, "served": path == self.served, **self.facts[key]})
+        return listed
 
     def describe(self, path: Path) -> dict:
-        """Step, val loss, tokenizer and size of a checkpoint (read once per version of the file), or its error."""
+        """Step, val loss, tokenizer and size of a checkpoint, or its error."""
         from charlm import checkpoints
         from charlm.models import GPT
 
-        key = stat_key(path)
-        if key not in self.facts:
-            try:
-                ckpt = checkpoints.read(path)
-                cls, config, tokenizer = checkpoints.checked_net(ckpt, path)
-                weights = {t.data_ptr(): t.numel() for t in checkpoints.net_weights(ckpt).values()}  # tied: once
-                self.facts[key] = {
-                    "net": cls.__name__,
-                    "attention": cls is GPT,
-                    "step": ckpt.get("global_step") if type(ckpt.get("global_step")) is int else None,
-                    "val_loss": val_loss(ckpt),
-                    "tokenizer": tokenizer.name,
-                    "vocab_size": tokenizer.vocab_size,
-                    "block_size": config.get("block_size"),  # a bigram reads one character
-                    "parameters": sum(weights.values()),
-                }
-            except (OSError, ValueError) as e:
-                self.facts[key] = {"error": str(e)}
-        return self.facts[key]
+        try:
+            ckpt = checkpoints.read(path)
+            cls, config, tokenizer = checkpoints.checked_net(ckpt, path)
+        except (OSError, ValueError) as e:
+            return {"error": str(e)}
+        weights = {t.data_ptr(): t.numel() for t in checkpoints.net_weights(ckpt).values()}  # tied: counted once
+        return {
+            "net": cls.__name__,
+            "attention": cls is GPT,
+            "step": ckpt.get("global_step") if type(ckpt.get("global_step")) is int else None,
+            "val_loss": val_loss(ckpt),
+            "tokenizer": tokenizer.name,
+            "vocab_size": tokenizer.vocab_size,
+            "block_size": config.get("block_size"),  # a bigram reads one character
+            "parameters": sum(weights.values()),
+        }
 
     def get(self, name: str | None):
         """The net (shared: use `own_copy`), tokenizer and file of the run of that name (None: the served one)."""
