@@ -27,7 +27,7 @@ MAX_PROMPT, MAX_NEW_TOKENS = 200, 100_000  # room for a generation long enough t
 
 @pytest.fixture(scope="module")
 def runs(corpus, tmp_path_factory) -> Path:
-    """A folder with a GPT's run and a bigram's, trained by `charlm.fit` (4 steps each)."""
+    """A folder with a GPT's run, a bigram's and a byte-level GPT's, trained by `charlm.fit` (4 steps each)."""
     folder = tmp_path_factory.mktemp("served")
     here = Path.cwd()
     os.chdir(folder)
@@ -36,6 +36,7 @@ def runs(corpus, tmp_path_factory) -> Path:
         bigram = ["--config", str(ROOT / "configs/bigram.yaml"), "--data.path", str(corpus)]
         charlm.fit([*bigram, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
                     "--trainer.enable_progress_bar", "false", "--generation.max_new_tokens", "5"])  # fmt: skip
+        charlm.fit([*tiny(corpus), "--data.tokenizer", "bytes", "--trainer.logger.init_args.name", "bytes-plays"])
     finally:
         os.chdir(here)
     return folder
@@ -107,7 +108,7 @@ def test_runs_lists_every_run_under_the_folder_with_its_facts(url, runs):
     status, answer = request(url, "GET", "/api/runs")
     assert status == 200 and answer["device"] == "cpu" and answer["generating"] == 0
     by_name = {run["name"]: run for run in answer["runs"]}
-    assert set(by_name) == {"gpt-cpu-plays/version_0", "bigram-plays/version_0"}
+    assert set(by_name) == {"gpt-cpu-plays/version_0", "bigram-plays/version_0", "bytes-plays/version_0"}
     gpt, bigram = by_name["gpt-cpu-plays/version_0"], by_name["bigram-plays/version_0"]
     assert gpt["served"] and not bigram["served"]
     assert (gpt["net"], gpt["attention"], gpt["step"], gpt["tokenizer"]) == ("GPT", True, 4, "chars")
@@ -186,6 +187,22 @@ def test_bad_generate_requests_are_a_4xx_with_a_one_line_message_and_the_server_
     answer = request(url, "POST", "/api/generate", body)
     assert answer[0] == status and message in answer[1]["error"] and "\n" not in answer[1]["error"]
     assert text_of(stream(url, max_new_tokens=3))  # still serving
+
+
+def test_a_byte_level_models_stream_is_the_clis_text_even_where_its_bytes_are_no_utf_8(url, runs, capsys):
+    """A character of several bytes arrives as several tokens, the first ones with no text; bytes that are no UTF-8
+    come out escaped, as the CLI prints them."""
+    settings = {"prompt": "Zoë, café", "max_new_tokens": 60, "temperature": 2.0, "seed": 5}
+    received = stream(url, run="bytes-plays/version_0", **settings)
+    ckpt = runs / "checkpoints/bytes-plays/version_0"
+    flags = ["--prompt", "Zoë, café", "--max_new_tokens", "60", "--temperature", "2.0", "--seed", "5"]
+    assert text_of(received) == cli_text(ckpt, capsys, *flags)
+    start = received[0][1]
+    assert len(start["ids"]) == len("Zoë, café".encode()) and start["labels"][2:4] == ["ë", ""]  # one per byte
+    assert "\\x" in text_of(received)  # a 4-step model at temperature 2 draws bytes that are no UTF-8
+    ids = [*start["ids"], *(data["id"] for kind, data in received if kind == "token")]
+    status, answer = request(url, "POST", "/api/attention", json.dumps({"run": "bytes-plays/version_0", "ids": ids}))
+    assert status == 200 and len(answer["labels"]) == 32 and answer["first"] == len(ids) - 32
 
 
 def test_unknown_prompt_characters_can_be_skipped_as_the_cli_skips_them(url, runs, capsys):
