@@ -386,6 +386,8 @@ def test_the_page_streams_what_charlm_generate_prints_and_shows_a_characters_can
     assert page.locator("#candidates .row").count() >= 2
     assert page.locator("#heads figure").count() == 2  # 1 layer x 2 heads
     assert page.locator("#edges path").count() >= 1  # the edges to what it attended to
+    page.click("#heads figure >> nth=1")  # head 2 alone, drawn under the text
+    assert page.input_value("#head") == "1" and page.get_attribute("#heads figure >> nth=1", "class") == "chosen"
 
     page.click("#output .tok.prompt >> nth=2")
     page.wait_for_function("document.querySelectorAll('#heads canvas')[0].width === 3")  # positions 0..2

@@ -272,7 +272,8 @@ function fillHeadPickers(layers, heads) {
     state.layer = layers - 1;
   }
   if (head.options.length !== heads + 1) {
-    head.replaceChildren(new Option("mean of all", "mean"), ...Array.from({length: heads}, (_, h) => new Option(String(h + 1), h)));
+    const each = Array.from({length: heads}, (_, h) => new Option(String(h + 1), h));
+    head.replaceChildren(new Option("mean of all", "mean"), ...each);
     state.head = "mean";
   }
   layer.value = state.layer;
@@ -316,7 +317,12 @@ function drawAttention() {
     });
     const caption = Object.assign(document.createElement("figcaption"), {textContent: `L${l + 1} H${h + 1}`});
     figure.append(caption, canvas);
-    figure.addEventListener("click", () => { state.layer = l; state.head = h; fillHeadPickers(answer.weights.length, n); drawAttention(); });
+    figure.addEventListener("click", () => {
+      state.layer = l;
+      state.head = h;
+      fillHeadPickers(answer.weights.length, n);
+      drawAttention();
+    });
     figures.push(figure);
   }));
   heads.replaceChildren(...figures);
