@@ -23,6 +23,7 @@ from charlm.__main__ import main
 from charlm.serve import Runs, playground, produce
 
 MAX_PROMPT, MAX_NEW_TOKENS = 200, 100_000  # room for a generation long enough to be stopped half-way
+MAX_CLIENTS = 10  # 8 at once are tested, with room for one that is ending as they start
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def runs(corpus, tmp_path_factory) -> Path:
 def url(runs):
     """The playground's address: `playground()` served by uvicorn in a thread, the GPT's run served."""
     served = runs / "checkpoints/gpt-cpu-plays/version_0/last.ckpt"
-    app = playground(Runs(runs / "checkpoints", served, "cpu"), MAX_PROMPT, MAX_NEW_TOKENS)
+    app = playground(Runs(runs / "checkpoints", served, "cpu"), MAX_PROMPT, MAX_NEW_TOKENS, MAX_CLIENTS)
     listener = socket.create_server(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
@@ -246,6 +247,13 @@ def test_other_paths_and_methods_answer_in_json(url):
     assert request(url, "GET", "/api/generate") == (405, {"error": "/api/generate: Method Not Allowed"})
 
 
+def wait_until_idle(url: str) -> None:
+    deadline = time.monotonic() + 30
+    while request(url, "GET", "/api/runs")[1]["generating"]:
+        assert time.monotonic() < deadline, "a generation went on after its client left"
+        time.sleep(0.05)
+
+
 def test_a_client_that_leaves_mid_stream_stops_its_generation(url):
     connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
     connection.request("POST", "/api/generate", body=json.dumps({"max_new_tokens": MAX_NEW_TOKENS}))
@@ -253,10 +261,25 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(url):
     assert next(received)[0] == "start" and next(received)[0] == "token"
     assert request(url, "GET", "/api/runs")[1]["generating"] == 1
     connection.close()  # 100,000 tokens would take minutes: the generation ends when the server sees it gone
-    deadline = time.monotonic() + 30
-    while request(url, "GET", "/api/runs")[1]["generating"]:
-        assert time.monotonic() < deadline, "the generation went on after its client left"
-        time.sleep(0.05)
+    wait_until_idle(url)
+
+
+def test_one_generation_more_than_max_clients_is_a_429_and_the_next_after_them_is_served(url):
+    connections = []
+    for _ in range(MAX_CLIENTS):
+        connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+        connection.request("POST", "/api/generate", body=json.dumps({"max_new_tokens": MAX_NEW_TOKENS}))
+        received = events(connection.getresponse())
+        assert next(received)[0] == "start" and next(received)[0] == "token"  # its thread is running
+        connections.append(connection)
+    status, answer = request(url, "POST", "/api/generate", "{}")
+    assert status == 429 and answer["error"] == (
+        f"{MAX_CLIENTS} generations are running, the most this server runs at once: try again soon"
+    )
+    for connection in connections:
+        connection.close()
+    wait_until_idle(url)
+    assert text_of(stream(url, max_new_tokens=3))
 
 
 def test_a_generation_asked_to_stop_takes_no_further_step(runs):
@@ -401,10 +424,7 @@ def test_the_page_stops_a_long_generation_and_the_server_lets_it_go(page, url):
     page.click("#stop")
     assert page.get_attribute("#output", "data-state") == "stopped"
     count = page.locator("#output .tok.gen").count()
-    deadline = time.monotonic() + 30
-    while request(url, "GET", "/api/runs")[1]["generating"]:
-        assert time.monotonic() < deadline, "the server went on generating for a page that stopped"
-        time.sleep(0.05)
+    wait_until_idle(url)
     assert page.locator("#output .tok.gen").count() == count < MAX_NEW_TOKENS  # nothing more came
 
 

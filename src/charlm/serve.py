@@ -55,6 +55,7 @@ def serve(
     device: Device = "auto",
     max_prompt: PositiveInt = 4000,
     max_new_tokens: PositiveInt = 10000,
+    max_clients: PositiveInt = 16,
 ) -> None:
     """Serve a playground page for trained checkpoints: type, watch the text stream, see what the model weighed.
 
@@ -66,6 +67,7 @@ def serve(
         device: where the models run: auto is a CUDA GPU, then Apple's MPS, then the CPU.
         max_prompt: the longest prompt a request may send, in characters.
         max_new_tokens: the most tokens one request may ask for.
+        max_clients: the most generations at once (each has a thread and a KV cache); one more is answered 429.
     """
     try:
         import starlette  # noqa: F401  (the app's: checked here, before a model is loaded)
@@ -99,7 +101,7 @@ def serve(
     shown = f"[{address[0]}]" if ":" in address[0] else address[0]
     print(f"charlm: serving {served} on {device}", file=sys.stderr)
     print(f"charlm: playground at http://{shown}:{address[1]}  (Ctrl-C stops it)", flush=True)
-    app = playground(catalogue, max_prompt, max_new_tokens, stopping=lambda: server.should_exit)
+    app = playground(catalogue, max_prompt, max_new_tokens, max_clients, stopping=lambda: server.should_exit)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     server.run(sockets=[listener])  # a Ctrl-C is raised again once it has stopped: exit 130
 
@@ -309,7 +311,7 @@ def produce(net, tokenizer, device: str, prompt_ids: list[int], s: dict, stop: t
         send(None, None)
 
 
-def playground(runs: Runs, max_prompt: int, max_new_tokens: int, stopping=lambda: False):
+def playground(runs: Runs, max_prompt: int, max_new_tokens: int, max_clients: int, stopping=lambda: False):
     """The Starlette app: the page and the API; `stopping()` says when the server is shutting down, and every
     stream then ends."""
     import torch
@@ -328,10 +330,13 @@ def playground(runs: Runs, max_prompt: int, max_new_tokens: int, stopping=lambda
 
     workers: set[threading.Thread] = set()  # the generations under way (touched by the event loop's thread only)
 
+    def generating() -> int:
+        workers.difference_update([worker for worker in list(workers) if not worker.is_alive()])
+        return len(workers)
+
     async def list_runs(request):
         listing = await asyncio.to_thread(runs.listing)
-        workers.difference_update([worker for worker in list(workers) if not worker.is_alive()])
-        return JSONResponse({"runs": listing, "device": runs.device, "limits": limits, "generating": len(workers)})
+        return JSONResponse({"runs": listing, "device": runs.device, "limits": limits, "generating": generating()})
 
     async def generate(request):
         given = request_object(await read_body(request, body_limit))
@@ -345,6 +350,10 @@ def playground(runs: Runs, max_prompt: int, max_new_tokens: int, stopping=lambda
             "seed": field(given, "seed", int, 1337, *SEEDS),
             "unknown": choice(given, "unknown", ("error", "skip")),
         })  # fmt: skip
+        if generating() >= max_clients:
+            raise HTTPError(
+                429, f"{max_clients} generations are running, the most this server runs at once: try again soon"
+            )
         net, tokenizer, name = await asyncio.to_thread(runs.get, s["run"])
         if s["top_k"] is not None:
             s["top_k"] = min(s["top_k"], tokenizer.vocab_size)
@@ -437,7 +446,7 @@ def playground(runs: Runs, max_prompt: int, max_new_tokens: int, stopping=lambda
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
         return JSONResponse({"error": f"{request.url.path}: {exc.detail}"}, status_code=exc.status_code)
 
-    limits = {"max_prompt": max_prompt, "max_new_tokens": max_new_tokens}
+    limits = {"max_prompt": max_prompt, "max_new_tokens": max_new_tokens, "max_clients": max_clients}
     page = Path(str(files("charlm") / "playground"))
     return Starlette(
         routes=[
