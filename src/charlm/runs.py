@@ -11,8 +11,17 @@ class RunLogger(TensorBoardLogger):
     """TensorBoardLogger without the `epoch` curve (charlm counts steps) and `hp_metric`; its HPARAMS are the
     run's settings (`Report`), not Lightning's nested hyperparameters."""
 
-    def __init__(self, save_dir: str = "logs", name: str | None = None, version: int | None = None, **kwargs):
-        super().__init__(save_dir, name=name, version=version, default_hp_metric=False, **kwargs)
+    def __init__(
+        self,
+        save_dir: str = "logs",
+        name: str | None = None,
+        version: int | None = None,
+        purge_step: int | None = None,
+        **kwargs,
+    ):
+        # purge_step (set by `place_run` on resume) is named here: found only through **kwargs, jsonargparse refused
+        # it in some processes (whether it resolves TensorBoardLogger's kwargs to SummaryWriter's varies)
+        super().__init__(save_dir, name=name, version=version, default_hp_metric=False, purge_step=purge_step, **kwargs)
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
