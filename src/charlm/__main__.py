@@ -64,7 +64,7 @@ def main(args: list[str] | None = None) -> None:
     if argv[0] not in COMMANDS:
         names = ", ".join(COMMANDS).rsplit(", ", 1)
         sys.exit(f"charlm: error: {argv[0]!r} is not a command: use {' or '.join(names)}")
-    from charlm.errors import FlagError, Stopped, stop_now
+    from charlm.errors import FlagError, Stopped, first_line, stop_now
 
     # until a training loop takes them over, a signal stops the command at once (Lightning's own SIGTERM handler
     # calls this one after it; alone, it would end a validation with exit code 0)
@@ -82,7 +82,7 @@ def main(args: list[str] | None = None) -> None:
         print(e, file=sys.stderr)
         sys.exit(2)
     except (MemoryError, RuntimeError) as e:  # torch's allocators raise RuntimeErrors, CUDA's a subclass
-        message = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        message = first_line(e, limit=None)  # searched whole, shown cut
         if not isinstance(e, MemoryError) and "out of memory" not in message and "allocate memory" not in message:
             raise
         sys.exit(

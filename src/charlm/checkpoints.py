@@ -29,6 +29,7 @@ from jsonargparse import Namespace
 from rich.console import Console
 
 from charlm.corpus import file_kind
+from charlm.errors import first_line
 from charlm.models import GPT, Bigram, Net
 from charlm.tokenizers import Tokenizer, tokenizer_from_state
 
@@ -87,7 +88,7 @@ def read(path: Path, device: torch.device | str = "cpu") -> dict:
         try:
             ckpt = torch.load(f, map_location=device, weights_only=True)
         except Exception as e:  # whatever its bytes make the unpickler raise, they are no checkpoint
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            reason = first_line(e)
             raise ValueError(f"{path} is not a valid checkpoint ({reason}): pass a .ckpt file charlm saved") from None
     try:
         check_layout(ckpt)
@@ -193,11 +194,11 @@ def check_fits(ckpt: dict, path: Path, fn: str, trainer: L.Trainer, model, datam
     try:
         same_layout(ckpt, template, "")
         if fn == "fit":
-            (saved,) = ckpt["optimizer_states"]
+            (state,) = ckpt["optimizer_states"]
             parts = getattr(optimizer, "parts", None) or {None: optimizer}  # MuonAndAdamW saves each part's state
             for name, part in parts.items():
                 params = [p for g in part.param_groups for p in g["params"]]
-                check_optimizer(saved if name is None else saved[name], params)
+                check_optimizer(state if name is None else state[name], params)
             check_rng(ckpt["rng_states"])
     except ValueError as e:
         raise ValueError(f"--ckpt_path {path} cannot be resumed ({e}): pass a .ckpt file charlm saved") from None

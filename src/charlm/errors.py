@@ -17,3 +17,8 @@ def stop_now(signum: int, frame) -> None:
 
 class FlagError(ValueError):
     """A flag or config value the command's parser refuses: exit code 2, as for any command-line tool."""
+
+
+def first_line(error: BaseException, limit: int | None = 200) -> str:
+    """An exception's message as one line of at most `limit` characters (its type's name when it has none)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]

@@ -30,6 +30,7 @@ from pathlib import Path
 from jsonargparse.typing import PositiveInt, restricted_number_type
 
 from charlm.commands import SEEDS, Device
+from charlm.errors import first_line
 
 LOCAL = ("127.0.0.1", "localhost", "::1")
 Port = restricted_number_type("Port", int, [(">=", 0), ("<=", 65535)])
@@ -265,12 +266,12 @@ def shorten(value) -> str:
 
 async def read_body(request, limit: int) -> bytes:
     """The request's body, refused once it grows past `limit` bytes (a client may send anything)."""
-    body = b""
+    body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
             raise HTTPError(413, f"the body is over {limit} bytes: send a shorter prompt")
-    return body
+    return bytes(body)
 
 
 def candidates(names: list[str], probs, n: int, drawn: int) -> tuple[float, list]:
@@ -306,7 +307,7 @@ def produce(net, tokenizer, device: str, prompt_ids: list[int], s: dict, stop: t
             count += 1
         send("end", {"text": decoder.flush(), "tokens": count, "seconds": round(time.perf_counter() - started, 3)})
     except Exception as e:  # the stream has begun: the error is its last event
-        send("error", {"error": (str(e).strip().splitlines() or [type(e).__name__])[0][:300]})
+        send("error", {"error": first_line(e, 300)})
     finally:
         send(None, None)
 

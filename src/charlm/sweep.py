@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from charlm.cli import fit
+from charlm.errors import first_line
 from charlm.files import atomic_write, lock_folder
 
 try:
@@ -56,7 +57,7 @@ def storage_in_use(name: str, url: str, fix: str):
     except (SweepError, OSError):  # charlm's own errors, and those of its files and locks
         raise
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        reason = first_line(e)
         raise ValueError(f"sweep {name}: its storage {url} cannot be used ({reason}): {fix}") from None
 
 
