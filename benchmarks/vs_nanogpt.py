@@ -6,7 +6,7 @@ Rows, each a fresh process, one after the other:
    as its data/shakespeare_char/input.txt and prepared there); its time to 1.88 is its own estimate's (20 batches),
    or where that ends just above (1.8857, "a loss of only 1.88" in its README), the end of its run;
 2. charlm's default recipe, `python -m charlm fit` (exact validation over the whole validation split);
-3. the default with `--model.optimizer muon`;
+3. the previous default, AdamW for 700 steps (`--model.optimizer adamw --trainer.max_steps 700`);
 4. the default stretched to nanoGPT's wall time: --trainer.max_steps from row 2's speed, so its whole schedule,
    startup and validations included, ends inside that time.
 
@@ -62,9 +62,9 @@ def nanogpt(checkout: Path, text: Path) -> tuple[float | None, float, float]:
         return reached, last, time.time() - start
 
 
-def charlm(text: Path, *flags: str) -> tuple[float | None, float, float]:
+def charlm(text: Path, *flags: str) -> tuple[float | None, float, float, int]:
     """The same three numbers for `python -m charlm fit`, from time_to_loss.py (exact validation; the clock starts
-    with the process)."""
+    with the process), and the steps it trained."""
     command = [sys.executable, str(HERE / "time_to_loss.py"), "--config", str(HERE.parent / "configs/gpt-cpu.yaml")]
     result = subprocess.run(
         [*command, "--target", str(TARGET), "--data.path", str(text), *flags], capture_output=True, text=True
@@ -72,9 +72,9 @@ def charlm(text: Path, *flags: str) -> tuple[float | None, float, float]:
     if result.returncode:
         raise SystemExit(f"charlm's run failed: {result.stderr.strip().splitlines()[-1]}")
     reached = re.search(r"reached val/loss <= [\d.]+ at step \d+, ([\d.]+) s after process start", result.stdout)
-    final = float(re.search(r"final val/loss ([\d.]+)", result.stdout).group(1))
+    final, step = re.search(r"final val/loss ([\d.]+) at step (\d+)", result.stdout).groups()
     total = float(re.search(r"total ([\d.]+) s", result.stdout).group(1))
-    return (float(reached.group(1)) if reached else None), final, total
+    return (float(reached.group(1)) if reached else None), float(final), total, int(step) + 1
 
 
 def main() -> None:
@@ -84,16 +84,17 @@ def main() -> None:
     args = parser.parse_args()
     rows = {"nanoGPT, its README's CPU command": nanogpt(args.nanogpt, args.text.resolve())}
     rows["charlm fit (the default recipe)"] = default = charlm(args.text)
-    rows["charlm fit --model.optimizer muon"] = charlm(args.text, "--model.optimizer", "muon")
+    previous = ["--model.optimizer", "adamw", "--trainer.max_steps", "700", "--trainer.val_check_interval", "350"]
+    rows["charlm fit " + " ".join(previous)] = charlm(args.text, *previous)
     budget = rows["nanoGPT, its README's CPU command"][2]
     startup = 8.0  # seconds of a charlm run that are not training steps: imports, validations, samples (about)
-    # the default's 700 steps took default[2] s; 5% to spare for the machine's drift
-    steps = int(0.95 * 700 * (budget - startup) / (default[2] - startup))
+    # the default's steps took default[2] s; 5% to spare for the machine's drift
+    steps = int(0.95 * default[3] * (budget - startup) / (default[2] - startup))
     name = f"charlm fit --trainer.max_steps {steps} (to fit nanoGPT's {budget:.0f} s)"
     rows[name] = charlm(args.text, "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps // 4))
     print(f"\n| run | seconds to val loss {TARGET} | final val loss | seconds in all |")
     print("| --- | ---: | ---: | ---: |")
-    for name, (reached, final, total) in rows.items():
+    for name, (reached, final, total, *_) in rows.items():
         print(f"| {name} | {'not reached' if reached is None else f'{reached:.1f}'} | {final:.4f} | {total:.1f} |")
     nano = rows["nanoGPT, its README's CPU command"][0]
     if nano and default[0]:

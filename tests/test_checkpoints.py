@@ -60,11 +60,17 @@ CASES = {
     ),
     "generators of floats": (RESUME, lambda c: c["rng_states"].update(torch=torch.zeros(3)), "torch.float32"),
     "no optimizer": (RESUME, lambda c: c.update(optimizer_states=None), "its optimizer_states is NoneType"),
-    "a moment of another shape": (
+    "an AdamW moment of another shape": (
         RESUME,
-        lambda c: c["optimizer_states"][0]["state"][0].update(exp_avg=torch.zeros(2)),
+        lambda c: c["optimizer_states"][0]["adamw"]["state"][0].update(exp_avg=torch.zeros(2)),
         "its optimizer exp_avg of parameter 0 is [2]",
     ),
+    "a Muon momentum of another shape": (
+        RESUME,
+        lambda c: c["optimizer_states"][0]["muon"]["state"][1].update(momentum_buffer=torch.zeros(3, 2)),
+        "its optimizer momentum_buffer of parameter 1 is [3, 2]",
+    ),
+    "no Muon state": (RESUME, lambda c: c["optimizer_states"][0].pop("muon"), "its optimizer_states[0] has no 'muon'"),
     "no schedule": (RESUME, lambda c: c.update(lr_schedulers=[None]), "its lr_schedulers[0] is NoneType"),
     "no loops": (("fit", "validate"), lambda c: c.update(loops=None), "its loops is NoneType"),
 }

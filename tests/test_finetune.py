@@ -61,7 +61,9 @@ def test_init_from_starts_a_new_run_at_step_0_with_the_checkpoints_net(pretraine
     ckpts, logs = tmp_path / "checkpoints/default-notes/version_0", tmp_path / "logs/default-notes/version_0"
     ckpt = torch.load(ckpts / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 6  # its own steps, not the checkpoint's 4 and more
-    assert float(ckpt["optimizer_states"][0]["state"][0]["step"]) == 6  # a fresh optimizer: its moments are its own
+    assert (
+        float(ckpt["optimizer_states"][0]["adamw"]["state"][0]["step"]) == 6
+    )  # a fresh optimizer: its moments are its own
     assert ckpt["hyper_parameters"]["init_from"] == str(pretrained / "last.ckpt")
     net = ckpt["hyper_parameters"]["net"]["init_args"]
     assert net | {"n_layer": 1, "n_embd": 32, "block_size": 32, "pos_emb": "learned", "vocab_size": len(chars)} == net

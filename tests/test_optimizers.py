@@ -7,9 +7,10 @@ from conftest import tiny
 
 from charlm.__main__ import main
 from charlm.models import GPT, Bigram
-from charlm.training import CharLM, MuonAndAdamW
+from charlm.training import CharLM, Muon, MuonAndAdamW
 
 MUON = ["--model.optimizer", "muon", "--model.net.init_args.dropout", "0.1", "--generation.max_new_tokens", "0"]
+ADAMW = ["--model.optimizer", "adamw"]
 LAST = "checkpoints/gpt-cpu-plays/version_0/last.ckpt"
 
 
@@ -24,8 +25,28 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     adamw = {id(p) for g in optimizer.parts["adamw"].param_groups for p in g["params"]}
     assert not muon & adamw and len(muon | adamw) == len(named)  # every weight once (wte and the head are one)
     assert optimizer.param_groups[0]["lr"] == 1e-2 and optimizer.param_groups[-1]["lr"] == 0.02
-    with pytest.raises(ValueError, match="a Bigram has no hidden weight matrices: use adamw"):
+    with pytest.raises(ValueError, match="a Bigram has no hidden weight matrices: add --model.optimizer adamw"):
         CharLM(Bigram(20), optimizer="muon")
+
+
+def test_charlms_muon_updates_as_torchs_does():
+    """charlm's Muon runs Newton-Schulz batched by shape and in float32 where torch's runs each matrix in bf16: the
+    same update, to bf16's precision, for tall, wide and square matrices, two of each shape."""
+    shapes = [(48, 16), (16, 48), (16, 16)] * 2
+    updates = []
+    for optimizer in (torch.optim.Muon, Muon):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+        before = [p.detach().clone() for p in params]
+        step = optimizer(params, lr=0.02, weight_decay=0.1)
+        for _ in range(2):  # the second step goes through the momentum buffer
+            for p in params:
+                p.grad = torch.randn(p.shape)
+            step.step()
+        updates.append([p.detach() - b for p, b in zip(params, before)])
+    for theirs, ours in zip(*updates):
+        assert torch.nn.functional.cosine_similarity(theirs.flatten(), ours.flatten(), dim=0) > 0.99
+        assert ours.norm() / theirs.norm() == pytest.approx(1, abs=0.02)
 
 
 def test_muon_trains_resumes_exactly_and_a_checkpoint_of_one_optimizer_is_refused_by_the_other(
@@ -39,13 +60,13 @@ def test_muon_trains_resumes_exactly_and_a_checkpoint_of_one_optimizer_is_refuse
     main(flags)
     ckpt = torch.load(straight / LAST, weights_only=True)
     assert isinstance(ckpt["optimizer_states"][0]["muon"]["state"][0]["momentum_buffer"], torch.Tensor)
-    assert ckpt["lr_schedulers"][0]["base_lrs"] == [1e-2, 1e-2, 0.02]  # one schedule over both optimizers' groups
+    assert ckpt["lr_schedulers"][0]["base_lrs"] == [1e-2, 1e-2, 0.05]  # one schedule over both optimizers' groups
     monkeypatch.chdir(stopped)
     with pytest.raises(SystemExit) as exit_info:
         main([*flags, "--trainer.callbacks+=probes.InterruptAt"])  # SIGINT after step 3
     assert exit_info.value.code == 130
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *tiny(corpus, max_steps=6), "--ckpt_path", "last"])  # AdamW, from a Muon checkpoint
+        main(["fit", *tiny(corpus, max_steps=6), *ADAMW, "--ckpt_path", "last"])  # from a Muon checkpoint
     assert str(exit_info.value.code).endswith(
         "was trained with --model.optimizer muon, this run's is adamw: resume with the optimizer it was trained with, "
         "or start from its weights with --model.init_from"
@@ -55,7 +76,7 @@ def test_muon_trains_resumes_exactly_and_a_checkpoint_of_one_optimizer_is_refuse
     assert a["global_step"] == b["global_step"] == 6
     assert all(torch.equal(a["state_dict"][name], b["state_dict"][name]) for name in a["state_dict"])  # bitwise
     monkeypatch.chdir(tmp_path)
-    main(["fit", *tiny(corpus, max_steps=2)])
+    main(["fit", *tiny(corpus, max_steps=2), *ADAMW])
     with pytest.raises(SystemExit) as exit_info:
         main([*flags, "--ckpt_path", "last"])  # Muon, from an AdamW checkpoint
     assert "was trained with --model.optimizer adamw, this run's is muon" in str(exit_info.value.code)

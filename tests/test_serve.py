@@ -155,7 +155,10 @@ def test_the_stream_is_the_text_charlm_generate_prints_for_the_same_seed_and_set
         for token in tokens:  # the distribution it was drawn from, the drawn token among its candidates
             top = dict(token["top"])
             assert top[token["label"]] == token["p"] and token["label"] == token["text"]
-            assert sum(top.values()) <= 1.0001 and list(top.values())[:10] == sorted(top.values(), reverse=True)[:10]
+            rounding = 0.5e-4 * len(top) + 1e-9  # each probability is sent to 4 decimals
+            assert (
+                sum(top.values()) <= 1 + rounding and list(top.values())[:10] == sorted(top.values(), reverse=True)[:10]
+            )
         if settings.get("top_k"):
             assert all(len(token["top"]) <= 5 for token in tokens)  # the others have probability 0
 

@@ -66,7 +66,10 @@ class CharLM(L.LightningModule):
                 f"--model.muon_lr {muon_lr} must be > 0 and --model.muon_weight_decay {muon_weight_decay} >= 0"
             )
         if optimizer == "muon" and not muon_matrices(net):
-            raise ValueError(f"--model.optimizer muon: a {type(net).__name__} has no hidden weight matrices: use adamw")
+            raise ValueError(
+                f"--model.optimizer muon: a {type(net).__name__} has no hidden weight matrices: "
+                "add --model.optimizer adamw (configs/bigram.yaml has it)"
+            )
         self.net = net
         # the net's forward, not the LightningModule (which logs) nor the net as a module (generation's one-position
         # cached steps would each need a new graph); the parameter names stay, so checkpoints load either way
@@ -146,7 +149,7 @@ class CharLM(L.LightningModule):
             return torch.optim.AdamW(self.param_groups(), lr=self.hparams.lr, betas=betas, fused=fused)
         matrices = muon_matrices(self.net)
         adamw = torch.optim.AdamW(self.param_groups(set(matrices)), lr=self.hparams.lr, betas=betas, fused=fused)
-        muon = torch.optim.Muon(matrices, lr=self.hparams.muon_lr, weight_decay=self.hparams.muon_weight_decay)
+        muon = Muon(matrices, lr=self.hparams.muon_lr, weight_decay=self.hparams.muon_weight_decay)
         return MuonAndAdamW(adamw, muon)
 
     def configure_optimizers(self):
@@ -169,6 +172,50 @@ class CharLM(L.LightningModule):
 def muon_matrices(net: Net) -> list[torch.Tensor]:
     """The weights Muon updates: the transformer blocks' matrices (not the embeddings or the tied head)."""
     return [p for name, p in net.named_parameters() if name.startswith("h.") and p.dim() == 2]
+
+
+class Muon(torch.optim.Muon):
+    """torch's Muon, its Newton-Schulz iteration run once for all matrices of a shape and in float32 off a GPU: on a
+    CPU bf16 is emulated, and a small model's matrices one by one are bound by launches (benchmarks/README.md, Muon)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, buffers = [], [], []
+            self._init_group(group, params, grads, buffers)
+            updates = []
+            for grad, buffer in zip(grads, buffers):
+                buffer.lerp_(grad, 1 - group["momentum"])
+                updates.append(grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer)
+            for param, update in zip(params, orthogonalize(updates, group)):
+                rows, cols = param.shape
+                param.mul_(1 - group["lr"] * group["weight_decay"])
+                param.add_(update, alpha=-group["lr"] * math.sqrt(max(1, rows / cols)))  # torch's "original" scaling
+        return loss
+
+
+def orthogonalize(updates: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+    """torch's quintic Newton-Schulz iteration (`torch.optim._muon`), batched over the matrices of each shape."""
+    a, b, c = group["ns_coefficients"]
+    wide = [u.mT if u.size(0) > u.size(1) else u for u in updates]  # iterate on X X^T, the smaller Gram matrix
+    by_shape: dict[torch.Size, list[int]] = {}
+    for i, x in enumerate(wide):
+        by_shape.setdefault(x.shape, []).append(i)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(updates)
+    for indices in by_shape.values():
+        x = torch.stack([wide[i] for i in indices])
+        x = x.to(torch.bfloat16 if x.is_cuda else torch.float32)
+        x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=group["eps"])  # spectral norm at most 1
+        for _ in range(group["ns_steps"]):
+            gram = x @ x.mT
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        for i, orthogonal in zip(indices, x):
+            out[i] = (orthogonal.mT if updates[i].size(0) > updates[i].size(1) else orthogonal).to(updates[i].dtype)
+    return out
 
 
 class MuonAndAdamW(torch.optim.Optimizer):
