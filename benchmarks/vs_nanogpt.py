@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 TARGET = 1.88
 NANOGPT_CPU = [  # nanoGPT's README, "I only have a macbook" (and any other CPU)
     "config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1",
@@ -62,9 +64,9 @@ def nanogpt(checkout: Path, text: Path) -> tuple[float | None, float, float]:
         return reached, last, time.time() - start
 
 
-def charlm(text: Path, *flags: str) -> tuple[float | None, float, float, int]:
+def charlm(text: Path, *flags: str) -> tuple[float | None, float, float, int, float]:
     """The same three numbers for `python -m charlm fit`, from time_to_loss.py (exact validation; the clock starts
-    with the process), and the steps it trained."""
+    with the process), the steps it trained and its training tokens/s."""
     command = [sys.executable, str(HERE / "time_to_loss.py"), "--config", str(HERE.parent / "configs/gpt-cpu.yaml")]
     result = subprocess.run(
         [*command, "--target", str(TARGET), "--data.path", str(text), *flags], capture_output=True, text=True
@@ -73,8 +75,14 @@ def charlm(text: Path, *flags: str) -> tuple[float | None, float, float, int]:
         raise SystemExit(f"charlm's run failed: {result.stderr.strip().splitlines()[-1]}")
     reached = re.search(r"reached val/loss <= [\d.]+ at step \d+, ([\d.]+) s after process start", result.stdout)
     final, step = re.search(r"final val/loss ([\d.]+) at step (\d+)", result.stdout).groups()
-    total = float(re.search(r"total ([\d.]+) s", result.stdout).group(1))
-    return (float(reached.group(1)) if reached else None), float(final), total, int(step) + 1
+    total, rate = re.search(r"total ([\d.]+) s, training ([\d,]+) tokens/s", result.stdout).groups()
+    return (
+        (float(reached.group(1)) if reached else None),
+        float(final),
+        float(total),
+        int(step) + 1,
+        float(rate.replace(",", "")),
+    )
 
 
 def main() -> None:
@@ -87,9 +95,11 @@ def main() -> None:
     previous = ["--model.optimizer", "adamw", "--trainer.max_steps", "700", "--trainer.val_check_interval", "350"]
     rows["charlm fit " + " ".join(previous)] = charlm(args.text, *previous)
     budget = rows["nanoGPT, its README's CPU command"][2]
-    startup = 8.0  # seconds of a charlm run that are not training steps: imports, validations, samples (about)
-    # the default's steps took default[2] s; 5% to spare for the machine's drift
-    steps = int(0.95 * default[3] * (budget - startup) / (default[2] - startup))
+    recipe = yaml.safe_load((HERE.parent / "configs/gpt-cpu.yaml").read_text())
+    step_seconds = recipe["data"]["block_size"] * recipe["data"]["batch_size"] / default[4]
+    overhead = default[2] - default[3] * step_seconds  # startup, validations, samples
+    # twice the validations of the default, and 5% to spare for the machine's drift
+    steps = int(0.95 * (budget - 1.5 * overhead) / step_seconds)
     name = f"charlm fit --trainer.max_steps {steps} (to fit nanoGPT's {budget:.0f} s)"
     rows[name] = charlm(args.text, "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps // 4))
     print(f"\n| run | seconds to val loss {TARGET} | final val loss | seconds in all |")
