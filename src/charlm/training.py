@@ -185,12 +185,15 @@ class Muon(torch.optim.Muon):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, buffers = [], [], []
-            self._init_group(group, params, grads, buffers)
+            params = [p for p in group["params"] if p.grad is not None]
             updates = []
-            for grad, buffer in zip(grads, buffers):
-                buffer.lerp_(grad, 1 - group["momentum"])
-                updates.append(grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer)
+            for param in params:
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param.grad)
+                buffer = state["momentum_buffer"]
+                buffer.lerp_(param.grad, 1 - group["momentum"])
+                updates.append(param.grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer)
             for param, update in zip(params, orthogonalize(updates, group)):
                 rows, cols = param.shape
                 param.mul_(1 - group["lr"] * group["weight_decay"])
