@@ -71,6 +71,11 @@ CASES = {
         "its optimizer momentum_buffer of parameter 1 is [3, 2]",
     ),
     "no Muon state": (RESUME, lambda c: c["optimizer_states"][0].pop("muon"), "its optimizer_states[0] has no 'muon'"),
+    "an unknown optimizer": (
+        RESUME,
+        lambda c: c["hyper_parameters"].update(optimizer="sgd\nx"),
+        "cannot be resumed (its optimizer is 'sgd\\nx', not adamw or muon)",
+    ),
     "no schedule": (RESUME, lambda c: c.update(lr_schedulers=[None]), "its lr_schedulers[0] is NoneType"),
     "no loops": (("fit", "validate"), lambda c: c.update(loops=None), "its loops is NoneType"),
 }

@@ -68,7 +68,7 @@ def test_muon_trains_resumes_exactly_and_a_checkpoint_of_one_optimizer_is_refuse
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *tiny(corpus, max_steps=6), *ADAMW, "--ckpt_path", "last"])  # from a Muon checkpoint
     assert str(exit_info.value.code).endswith(
-        "was trained with --model.optimizer muon, this run's is adamw: resume with the optimizer it was trained with, "
+        "was trained with --model.optimizer muon, this run's is adamw: resume with --model.optimizer muon, "
         "or start from its weights with --model.init_from"
     )
     main([*flags, "--ckpt_path", "last"])

@@ -182,10 +182,15 @@ def check_fits(ckpt: dict, path: Path, fn: str, trainer: L.Trainer, model, datam
     template["callbacks"] = {c.state_key: c.state_dict() for c in trainer.callbacks if c.state_key in saved}
     if fn == "fit":
         trained_with, now = ckpt["hyper_parameters"].get("optimizer", "adamw"), model.hparams.optimizer
+        if trained_with not in ("adamw", "muon"):
+            raise ValueError(
+                f"--ckpt_path {path} cannot be resumed (its optimizer is {str(trained_with)[:20]!r}, not adamw or "
+                "muon): pass a .ckpt file charlm saved"
+            )
         if trained_with != now:
             raise ValueError(
-                f"--ckpt_path {path} was trained with --model.optimizer {str(trained_with)[:20]}, this run's is {now}: "
-                "resume with the optimizer it was trained with, or start from its weights with --model.init_from"
+                f"--ckpt_path {path} was trained with --model.optimizer {trained_with}, this run's is {now}: resume "
+                f"with --model.optimizer {trained_with}, or start from its weights with --model.init_from"
             )
         optimizer = model.make_optimizer()
         template["optimizer_states"] = [optimizer.state_dict()]
