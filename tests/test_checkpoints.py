@@ -70,6 +70,16 @@ CASES = {
         lambda c: c["optimizer_states"][0]["muon"]["state"][1].update(momentum_buffer=torch.zeros(3, 2)),
         "its optimizer momentum_buffer of parameter 1 is [3, 2]",
     ),
+    "10^9 Newton-Schulz rounds": (
+        RESUME,
+        lambda c: c["optimizer_states"][0]["muon"]["param_groups"][0].update(ns_steps=10**9),
+        "its optimizer's ns_steps is 1000000000, charlm's 5",
+    ),
+    "an AdamW group more": (
+        RESUME,
+        lambda c: (groups := c["optimizer_states"][0]["adamw"]["param_groups"]).append(dict(groups[0], params=[])),
+        "its optimizer has 3 parameter groups, charlm's 2",
+    ),
     "no Muon state": (RESUME, lambda c: c["optimizer_states"][0].pop("muon"), "its optimizer_states[0] has no 'muon'"),
     "an unknown optimizer": (
         RESUME,

@@ -203,7 +203,7 @@ def check_fits(ckpt: dict, path: Path, fn: str, trainer: L.Trainer, model, datam
             parts = getattr(optimizer, "parts", None) or {None: optimizer}  # MuonAndAdamW saves each part's state
             for name, part in parts.items():
                 params = [p for g in part.param_groups for p in g["params"]]
-                check_optimizer(state if name is None else state[name], params)
+                check_optimizer(state if name is None else state[name], params, part.param_groups)
             check_rng(ckpt["rng_states"])
     except ValueError as e:
         raise ValueError(f"--ckpt_path {path} cannot be resumed ({e}): pass a .ckpt file charlm saved") from None
@@ -227,9 +227,19 @@ def changed_settings(ckpt: dict, model, datamodule) -> list[str]:
     ]
 
 
-def check_optimizer(state: dict, params: list[torch.Tensor]) -> None:
+FLAG_SET = {"params", "lr", "initial_lr", "weight_decay", "betas", "fused", "foreach"}  # or chosen by the device
+
+
+def check_optimizer(state: dict, params: list[torch.Tensor], groups: list[dict]) -> None:
     """Each moment (AdamW's, Muon's momentum) has the shape of the parameter it belongs to, indexed as the optimizer
-    numbers them."""
+    numbers them, and every setting that no flag sets is charlm's own (a step of 10^9 Newton-Schulz rounds would never
+    end)."""
+    if len(state["param_groups"]) != len(groups):
+        raise ValueError(f"its optimizer has {len(state['param_groups'])} parameter groups, charlm's {len(groups)}")
+    for saved, own in zip(state["param_groups"], groups):
+        for key in own.keys() - FLAG_SET:
+            if saved[key] != own[key]:
+                raise ValueError(f"its optimizer's {key} is {str(saved[key])[:40]}, charlm's {own[key]}")
     for index, moments in state["state"].items():
         if not (isinstance(index, int) and 0 <= index < len(params)):
             raise ValueError(f"its optimizer state names parameter {str(index)[:40]!r} of {len(params)}")
