@@ -231,14 +231,9 @@ class MuonAndAdamW(torch.optim.Optimizer):
         self.parts = {"adamw": adamw, "muon": muon}
         self.param_groups = [*adamw.param_groups, *muon.param_groups]  # the same dicts: the schedule sets both lrs
 
-    @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for part in self.parts.values():
-            part.step()
+        loss = self.parts["adamw"].step(closure)  # the closure (forward and backward) runs once, before either update
+        self.parts["muon"].step()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
