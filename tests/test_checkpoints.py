@@ -40,6 +40,18 @@ CASES = {
         lambda c: c["state_dict"].update({"net.ln_f.weight": torch.ones(32, dtype=torch.long)}),
         "torch.int64 on cpu, not real numbers",
     ),
+    "a sparse weight": (
+        ALL,
+        lambda c: c["state_dict"].update({"net.ln_f.weight": c["state_dict"]["net.ln_f.weight"].to_sparse()}),
+        "its state_dict.net.ln_f.weight is a torch.sparse_coo tensor, not a dense one",
+    ),
+    "a sparse moment": (
+        ALL,
+        lambda c: (state := c["optimizer_states"][0]["muon"]["state"][0]).update(
+            momentum_buffer=state["momentum_buffer"].to_sparse()
+        ),
+        "its optimizer_states[0].muon.state.0.momentum_buffer is a torch.sparse_coo tensor",
+    ),
     "a callback state that is a list": (ALL, lambda c: c["callbacks"].update(x=[1]), "callback state 'x' is list"),
     "a best path that is a number": (ALL, lambda c: saver_state(c).update(best_model_path=5), "best_model_path is"),
     "a step that is text": (ALL, lambda c: c.update(global_step="5"), "its global_step is str '5'"),

@@ -108,6 +108,7 @@ def check_layout(ckpt) -> None:
     """Refuse, naming the first bad value, a checkpoint whose net, tokenizer, step, log folder or callback states are
     not of the kinds charlm writes (a checkpoint is untrusted input: it may be tampered with or not charlm's)."""
     expect(ckpt, dict, "content")
+    check_dense(ckpt)
     for name, tensor in expect(ckpt.get("state_dict"), dict, "state_dict").items():
         expect(tensor, torch.Tensor, f"weight {str(name)[:40]!r}")
         if not tensor.is_floating_point() or tensor.is_meta:
@@ -149,6 +150,20 @@ def same_layout(value, template, what: str) -> None:
     elif isinstance(template, (list, tuple)) and template:
         for i, item in enumerate(value):
             same_layout(item, template[0], f"{what}[{i}]")
+
+
+def check_dense(ckpt: dict) -> None:
+    """charlm saves dense tensors only; a sparse one would fail far from here, in whatever copies it (a weight, a
+    moment, a generator state). A loop, not recursion: a checkpoint may nest deeper than Python's stack."""
+    stack = [(str(key)[:40], value) for key, value in ckpt.items()]
+    while stack:
+        what, value = stack.pop()
+        if isinstance(value, torch.Tensor) and value.layout != torch.strided:
+            raise ValueError(f"its {what} is a {value.layout} tensor, not a dense one")
+        if isinstance(value, dict):
+            stack.extend((f"{what}.{str(key)[:40]}"[:160], inner) for key, inner in value.items())
+        elif isinstance(value, list | tuple):
+            stack.extend((f"{what}[{i}]"[:160], inner) for i, inner in enumerate(value))
 
 
 def differing(saved: dict, expected: dict) -> str | None:
