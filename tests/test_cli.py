@@ -327,13 +327,25 @@ def test_plain_fit_trains_the_cpu_recipe(capsys):
     assert default == recipe
 
 
-@pytest.mark.parametrize("name", ["bigram", "gpt", "gpt-cpu"])
+@pytest.mark.parametrize("name", sorted(path.stem for path in (ROOT / "configs").glob("*.yaml")))
 def test_every_config_parses_and_none_pins_mixed_precision(capsys, name):
     config = resolved_config(capsys, "--config", str(ROOT / f"configs/{name}.yaml"))
     # the run's folders are named when it starts: logs/<name>/version_N and checkpoints/<name>/version_N
     assert config["checkpoint"]["dirpath"] is None and config["trainer"]["logger"]["init_args"]["name"] is None
     # a pinned bf16-mixed made gpt.yaml 22x slower on the 2-core CPU; null: the run picks it for its device
     assert config["trainer"]["precision"] in (None, "32-true")
+
+
+def test_the_minute_recipe_is_the_default_model_with_its_own_schedule(capsys):
+    """configs/gpt-cpu-minute.yaml holds only what differs: the rest is the default recipe's, read first."""
+    default = resolved_config(capsys)
+    minute = resolved_config(capsys, "--config", str(ROOT / "configs/gpt-cpu-minute.yaml"))
+    assert minute["model"]["net"] == default["model"]["net"] and minute["model"]["optimizer"] == "muon"
+    assert (minute["data"]["block_size"], minute["data"]["batch_size"], minute["trainer"]["max_steps"]) == (
+        128,
+        16,
+        2700,
+    )
 
 
 def test_the_run_records_the_precision_it_chose_for_its_device(trained):
