@@ -23,13 +23,14 @@ import torch
 
 from charlm.models import GPT
 from charlm.sampling import generate
+from charlm.settings import Sampling
 
 
 def chars_per_second(net: GPT, new_tokens: int, use_cache: bool, device: str) -> float:
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(0)
     start = time.perf_counter()
-    for _ in generate(net, prompt, new_tokens, temperature=1.0, generator=generator, use_cache=use_cache):
+    for _ in generate(net, prompt, Sampling(max_new_tokens=new_tokens, temperature=1.0), generator, use_cache):
         pass
     if device == "cuda":
         torch.cuda.synchronize()

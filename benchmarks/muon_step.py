@@ -1,5 +1,5 @@
 """Milliseconds of one Muon step on the default model's block matrices: torch's `torch.optim.Muon` (each matrix on
-its own, in bf16) against charlm's (`charlm.training.Muon`: all matrices of a shape at once, float32 off a GPU), and
+its own, in bf16) against charlm's (`charlm.optimizers.Muon`: all matrices of a shape at once, float32 off a GPU), and
 AdamW's fused step on the same matrices for scale. The three alternate, --rounds times; medians.
 
     python benchmarks/muon_step.py [--rounds 5] [--steps 100]
@@ -14,7 +14,7 @@ import torch
 from generate_speed import cpu_model
 
 from charlm.models import GPT
-from charlm.training import Muon, muon_matrices
+from charlm.optimizers import Muon, muon_matrices
 
 
 def milliseconds(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], steps: int) -> float:

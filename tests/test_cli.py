@@ -190,11 +190,11 @@ def files_and_contents(folder) -> dict:
         (["--data.block_size", "0"], "--data.block_size 0 and --data.batch_size 64 must both be >= 1"),
         (["--model.net.init_args.dropout", "1.0"], "dropout=1.0 is outside [0, 1)"),
         (["--model.lr", "0"], "--model.lr 0.0 must be > 0"),
-        (["--generation.max_new_tokens", "-1"], "--generation.max_new_tokens -1 must be >= 0"),
-        (["--generation.top_k", "0"], "--generation.top_k 0 must be >= 1"),
-        (["--generation.top_k", "-5"], "--generation.top_k -5 must be >= 1"),
-        (["--generation.prompt", ""], "--generation.prompt is empty"),
-        (["--generation.temperature", "-1"], "--generation.temperature -1.0 must be a number >= 0"),
+        (["--generation.max_new_tokens", "-1"], "--generation.max_new_tokens -1 is outside [0, inf]"),
+        (["--generation.top_k", "0"], "--generation.top_k 0 is outside [1, inf]"),
+        (["--generation.top_k", "-5"], "--generation.top_k -5 is outside [1, inf]"),
+        (["--generation.top_p", "0"], "--generation.top_p 0.0 is outside (0, 1]"),
+        (["--generation.temperature", "-1"], "--generation.temperature -1.0 is outside [0, inf]"),
         (["--generation.seed", "100000000000000000000"], "--generation.seed 100000000000000000000 is outside"),
         (["--model.weight_decay", "-5"], "--model.weight_decay -5.0 must be >= 0"),
         (["--data.train_fraction", "-0.5"], "--data.train_fraction -0.5 must be between 0 and 1"),
@@ -204,7 +204,8 @@ def files_and_contents(folder) -> dict:
         (["--trainer.log_every_n_steps", "0"], "--trainer.log_every_n_steps 0 must be >= 1"),
         (
             ["--data.path", "no_newline.txt", "--generation.prompt", "\n"],
-            "--generation.prompt has characters ['\\n'] that are not in the corpus",
+            "--generation.prompt has characters ['\\n'] that are not among the model's 64: change it, or pass "
+            "--generation.unknown skip",
         ),
         pytest.param(
             ["--trainer.accelerator", "cuda"],
@@ -390,7 +391,7 @@ def test_fit_logs_the_picture_that_the_attention_command_draws(trained, corpus):
     [
         (["--out", "picture.jpg"], "--out picture.jpg: the picture is a PNG: give a file name ending in .png"),
         (["--out", "no/such/picture.png"], "--out no/such/picture.png: the folder no/such does not exist"),
-        (["--prompt", "Zoë"], "the prompt has characters ['ë'] that are not among the model's 65"),
+        (["--prompt", "Zoë"], "--prompt has characters ['ë'] that are not among the model's 65"),
         (["--ckpt_path", "nowhere.ckpt"], "--ckpt_path nowhere.ckpt does not exist"),
         (["--out", "folder.png"], "--out folder.png is a folder: give a file name ending in .png"),
     ],
@@ -450,6 +451,27 @@ def test_validate_and_generate_find_best_the_lowest_val_loss(trained, corpus, tm
     assert f"charlm: sampling from {best} on cpu" in capsys.readouterr().err
 
 
+def test_validate_best_and_a_resume_read_the_checkpoint_file_once(trained, corpus, tmp_path, capsys, monkeypatch):
+    """The file is read and checked once, and what Lightning restores is what was checked (not read again)."""
+    cwd, *_ = trained
+    shutil.copytree(cwd / "checkpoints", tmp_path / "checkpoints")
+    monkeypatch.chdir(tmp_path)
+    folder = Path("checkpoints/gpt-cpu-plays/version_0").resolve()
+    (best,) = folder.glob("step*-val*.ckpt")
+    reads, load = [], torch.load
+
+    def counted(f, *args, **kwargs):
+        reads.append(Path(getattr(f, "name", f)).resolve())
+        return load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counted)
+    main(["validate", *tiny(corpus), "--ckpt_path", "best"])
+    assert reads.count(best) == 1 and capsys.readouterr().out.startswith("val loss ")
+    reads.clear()
+    main(["fit", *tiny(corpus, max_steps=6), "--ckpt_path", "last"])
+    assert reads.count(folder / "last.ckpt") == 1 and load(folder / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -500,27 +522,28 @@ def test_generate_last_without_runs_says_where_it_looked(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "flag, value, allowed",
+    "flag, value, refusal",
     [
-        ("--temperature", "-0.1", "v>=0"),
-        ("--top_k", "0", "v>0"),
-        ("--top_p", "0", "v>0 and v<=1"),
-        ("--top_p", "1.5", "v>0 and v<=1"),
-        ("--max_new_tokens", "-1", "v>=0"),
-        ("--num_samples", "0", "v>0"),
-        ("--seed", str(2**64), "v>=-9223372036854775808 and v<=18446744073709551615"),  # a generator's range
+        ("--temperature", "-0.1", "--temperature -0.1 is outside [0, inf]"),
+        ("--top_k", "0", "--top_k 0 is outside [1, inf]"),
+        ("--top_p", "0", "--top_p 0.0 is outside (0, 1]"),
+        ("--top_p", "1.5", "--top_p 1.5 is outside (0, 1]"),
+        ("--max_new_tokens", "-1", "--max_new_tokens -1 is outside [0, inf]"),
+        ("--seed", str(2**64), f"--seed {2**64} is outside [-9223372036854775808, 18446744073709551615]"),
     ],
 )
-def test_generate_rejects_out_of_range_arguments_at_parse_time(capsys, flag, value, allowed):
+def test_generate_refuses_an_out_of_range_setting_before_reading_the_checkpoint(flag, value, refusal):
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "--ckpt_path", "does-not-matter.ckpt", flag, value])
+    assert exit_info.value.code == f"charlm: error: {refusal}"
+
+
+def test_generate_rejects_no_samples_at_parse_time(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--ckpt_path", "does-not-matter.ckpt", "--num_samples", "0"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert (
-        err.count("\n") == 1
-        and f'Parser key "{flag[2:]}": ' in err
-        and f"does not conform to restriction {allowed}" in err
-    )
+    assert err.count("\n") == 1 and 'Parser key "num_samples": ' in err and "does not conform to restriction v>0" in err
 
 
 def test_a_checkpoint_whose_pickle_would_run_code_is_refused_and_the_code_does_not_run(tmp_path, monkeypatch):

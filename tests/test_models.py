@@ -3,6 +3,7 @@ import torch
 
 from charlm.models import GPT, Bigram, RowSplitLinear
 from charlm.sampling import generate
+from charlm.settings import Sampling
 
 
 def tiny_gpt(**overrides) -> GPT:
@@ -100,7 +101,7 @@ def test_models_overfit_a_tiny_sequence(make_model):
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.05
-    out = torch.cat(list(generate(model.eval(), seq[:, :1], max_new_tokens=15, temperature=0)), dim=1)
+    out = torch.cat(list(generate(model.eval(), seq[:, :1], Sampling(max_new_tokens=15, temperature=0))), dim=1)
     assert torch.equal(out, seq[:, 1:16])
 
 

@@ -7,7 +7,8 @@ from conftest import tiny
 
 from charlm.__main__ import main
 from charlm.models import GPT, Bigram
-from charlm.training import CharLM, Muon, MuonAndAdamW
+from charlm.optimizers import Muon, MuonAndAdamW
+from charlm.training import CharLM
 
 MUON = ["--model.optimizer", "muon", "--model.net.init_args.dropout", "0.1", "--generation.max_new_tokens", "0"]
 ADAMW = ["--model.optimizer", "adamw"]
@@ -29,16 +30,18 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
         CharLM(Bigram(20), optimizer="muon")
 
 
-def test_charlms_muon_updates_as_torchs_does():
+@pytest.mark.parametrize("adjust_lr_fn", ["original", "match_rms_adamw"])
+def test_charlms_muon_updates_as_torchs_does(adjust_lr_fn):
     """charlm's Muon runs Newton-Schulz batched by shape and in float32 where torch's runs each matrix in bf16: the
-    same update, to bf16's precision, for tall, wide and square matrices, two of each shape."""
+    same update, to bf16's precision, for tall, wide and square matrices, two of each shape, with either of torch's
+    learning-rate scalings."""
     shapes = [(48, 16), (16, 48), (16, 16)] * 2
     updates = []
     for optimizer in (torch.optim.Muon, Muon):
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
         before = [p.detach().clone() for p in params]
-        step = optimizer(params, lr=0.02, weight_decay=0.1)
+        step = optimizer(params, lr=0.02, weight_decay=0.1, adjust_lr_fn=adjust_lr_fn)
         for _ in range(2):  # the second step goes through the momentum buffer
             for p in params:
                 p.grad = torch.randn(p.shape)

@@ -1,9 +1,14 @@
 """`charlm.fit`: the Python entry point runs what `python -m charlm fit` runs, and raises instead of exiting."""
 
+import logging
+import os
+import signal
+import warnings
 from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from conftest import scalars, tiny
 
 import charlm
@@ -42,3 +47,33 @@ def test_fit_from_python_raises_the_commands_one_line_errors(corpus, tmp_path):
     with pytest.raises(FileNotFoundError, match="no last.ckpt in"):
         charlm.fit([*tiny(corpus), "--ckpt_path", "last"])
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_fit_takes_settings_as_mappings_and_leaves_the_process_as_it_found_it(corpus, tmp_path):
+    def state():
+        return (
+            list(warnings.filters),
+            {name: logging.getLogger(name).level for name in ("lightning.pytorch", "lightning.fabric")},
+            list(logging.getLogger("lightning.pytorch.utilities.rank_zero").filters),
+            signal.getsignal(signal.SIGINT),
+            signal.getsignal(signal.SIGTERM),
+            os.environ.get("PL_GLOBAL_SEED"),
+            torch.get_rng_state(),
+        )
+
+    before = state()
+    trainer = charlm.fit(
+        tiny(corpus),
+        model={"net": {"n_layer": 2}, "lr": 0.02},
+        trainer={"max_steps": 2, "val_check_interval": 1},
+        generation={"max_new_tokens": 0},
+    )
+    assert trainer.global_step == 2 and len(trainer.lightning_module.net.h) == 2
+    assert trainer.lightning_module.hparams.lr == 0.02
+    after = state()
+    assert after[:-1] == before[:-1] and torch.equal(after[-1], before[-1])
+    with pytest.raises(ValueError, match=r"^--model.lr -1.0 must be > 0$"):  # refused in the flag's own words
+        charlm.fit(tiny(corpus), model={"lr": -1})
+    with pytest.raises(FlagError, match=r"--trainer.nope"):
+        charlm.fit(tiny(corpus), trainer={"nope": 1})
+    assert state()[:-1] == before[:-1]

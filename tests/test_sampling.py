@@ -4,6 +4,7 @@ import torch
 from charlm.checkpoints import load_net
 from charlm.models import GPT, Bigram
 from charlm.sampling import distribution, generate
+from charlm.settings import Sampling
 
 
 @pytest.fixture(params=["rope", "learned"])
@@ -12,8 +13,8 @@ def gpt(request) -> GPT:
     return GPT(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=32, pos_emb=request.param).eval()
 
 
-def tokens(*args, **kwargs) -> torch.Tensor:
-    return torch.cat(list(generate(*args, **kwargs)), dim=1)
+def tokens(net, idx, n: int, generator=None, use_cache: bool = True, **settings) -> torch.Tensor:
+    return torch.cat(list(generate(net, idx, Sampling(max_new_tokens=n, **settings), generator, use_cache)), dim=1)
 
 
 def test_cached_logits_equal_a_full_forward_pass(gpt):

@@ -1,6 +1,7 @@
 """`charlm serve`: the HTTP API (real server, real sockets), the page in a real headless Chromium, and the command
 as a process (its address, its warning, Ctrl-C)."""
 
+import dataclasses
 import http.client
 import json
 import os
@@ -20,7 +21,9 @@ from conftest import ROOT, tiny
 
 import charlm
 from charlm.__main__ import main
+from charlm.callbacks import GenerationCallback
 from charlm.serve import Runs, playground, produce
+from charlm.settings import Sampling
 
 MAX_PROMPT, MAX_NEW_TOKENS = 200, 100_000  # room for a generation long enough to be stopped half-way
 MAX_CLIENTS = 10  # 8 at once are tested, with room for one that is ending as they start
@@ -179,10 +182,10 @@ def test_the_stream_is_the_text_charlm_generate_prints_for_the_same_seed_and_set
         ('{"seed": 18446744073709551616}', 422, "seed 18446744073709551616 is outside"),
         ('{"max_new_tokens": 100001}', 422, "max_new_tokens 100001 is outside [0, 100000]"),
         (json.dumps({"prompt": "a" * 201}), 422, "prompt has length 201, outside [0, 200]"),
-        ('{"prompt": "Zoë"}', 422, "the prompt has characters ['ë'] that are not among the model's"),
+        ('{"prompt": "Zoë"}', 422, "prompt has characters ['ë'] that are not among the model's 65: change it, or pass"),
         ('{"prompt": 5}', 422, "prompt 5 is not a string"),
         ('{"unknown": "maybe"}', 422, 'unknown "maybe" is not one of "error", "skip"'),
-        ('{"promt": "x"}', 422, "unknown field 'promt': the fields are run, prompt"),
+        ('{"promt": "x"}', 422, "unknown field 'promt': the fields are prompt, max_new_tokens"),
         ('{"run": "nope"}', 404, "run 'nope' is not one of this server's"),
         (json.dumps({"prompt": "a" * 2_000_000}), 413, "the body is over"),
     ],
@@ -191,6 +194,39 @@ def test_bad_generate_requests_are_a_4xx_with_a_one_line_message_and_the_server_
     answer = request(url, "POST", "/api/generate", body)
     assert answer[0] == status and message in answer[1]["error"] and "\n" not in answer[1]["error"]
     assert text_of(stream(url, max_new_tokens=3))  # still serving
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "refusal"),
+    [
+        ("temperature", -0.5, "-0.5 is outside [0, inf]"),
+        ("top_k", 0, "0 is outside [1, inf]"),
+        ("top_p", 1.5, "1.5 is outside (0, 1]"),
+        ("max_new_tokens", -1, "-1 is outside [0, inf]"),
+        ("seed", 2**64, f"{2**64} is outside [{-(2**63)}, {2**64 - 1}]"),
+    ],
+)
+def test_a_setting_out_of_bounds_is_refused_in_the_same_words_by_the_cli_the_callback_and_the_api(
+    url, name, value, refusal
+):
+    with pytest.raises(SystemExit) as refused:
+        main(["generate", "--ckpt_path", "does-not-matter.ckpt", f"--{name}", str(value)])
+    assert refused.value.code == f"charlm: error: --{name} {refusal}"
+    with pytest.raises(ValueError) as refused:
+        GenerationCallback(**{name: value})
+    assert str(refused.value) == f"--generation.{name} {refusal}"
+    if name == "max_new_tokens":  # the server's --max_new_tokens lowers the bound, in the same words
+        refusal = refusal.replace("inf]", f"{MAX_NEW_TOKENS}]")
+    assert request(url, "POST", "/api/generate", json.dumps({name: value})) == (422, {"error": f"{name} {refusal}"})
+
+
+def test_the_page_is_offered_the_settings_defaults_and_the_servers_bounds(url):
+    offered = request(url, "GET", "/api/runs")[1]["settings"]
+    assert {name: offered[name]["default"] for name in offered} == {
+        f.name: f.default for f in dataclasses.fields(Sampling)
+    }
+    assert offered["prompt"]["max"] == 200 and offered["max_new_tokens"]["max"] == 100000
+    assert offered["top_p"] == {"default": None, "min": 0, "max": 1, "above": True}
 
 
 def test_a_byte_level_models_stream_is_the_clis_text_even_where_its_bytes_are_no_utf_8(url, runs, capsys):
@@ -236,7 +272,7 @@ def test_attention_is_every_layer_and_heads_weights_of_one_position_over_those_b
         ({"text": "abc", "ids": [1]}, 422, 'send one of "text" (a string) and "ids"'),
         ({}, 422, 'send one of "text" (a string) and "ids"'),
         ({"ids": [1, 65]}, 422, "ids: each must be a whole number in [0, 64]"),
-        ({"text": "ë"}, 422, "text has characters ['ë'] that the model never saw"),
+        ({"text": "ë"}, 422, "text has characters ['ë'] that are not among the model's 65: change it"),
         ({"text": "ab", "run": "bigram-plays/version_0"}, 422, "is a Bigram, which has no attention"),
     ],
 )
@@ -295,8 +331,7 @@ def test_a_generation_asked_to_stop_takes_no_further_step(runs):
         sent.append(kind)
         stop.set()  # the client leaves as its first token goes out
 
-    settings = {"seed": 1, "max_new_tokens": 1000, "temperature": 1.0, "top_k": None, "top_p": None}
-    produce(net, tokenizer, "cpu", [0], settings, stop, send)
+    produce(net, tokenizer, "cpu", [0], Sampling(seed=1, max_new_tokens=1000, temperature=1.0), stop, send)
     assert sent == ["token", None] and all(block.attn.kv_cache is None for block in net.h)  # the cache is freed
 
 

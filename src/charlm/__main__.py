@@ -28,13 +28,24 @@ def usage() -> str:
 
 
 def run_function(name: str, function, argv: list[str]) -> None:
-    """Parse argv into the function's typed arguments (a class-typed one is built from its flags) and call it."""
+    """Parse argv into the function's typed arguments (a class-typed one is built from its flags; a dataclass's
+    fields are flags of their own, `--temperature` and not `--sampling.temperature`) and call it."""
+    import dataclasses
+    import inspect
+
     from charlm.flags import CommandParser, Help
 
     description = function.__doc__.split("\n\n")[0]
     parser = CommandParser(prog=f"charlm {name}", description=description, allow_abbrev=False, formatter_class=Help)
-    parser.add_function_arguments(function, as_group=False)
-    function(**vars(parser.instantiate(parser.parse_args(argv))))
+    params = inspect.signature(function).parameters.values()
+    flat = {p.name: p.annotation for p in params if dataclasses.is_dataclass(p.annotation)}
+    parser.add_function_arguments(function, as_group=False, skip=set(flat))
+    for cls in flat.values():
+        parser.add_class_arguments(cls, nested_key=None)
+    kwargs = vars(parser.instantiate(parser.parse_args(argv)))
+    for key, cls in flat.items():
+        kwargs[key] = cls(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(cls)})
+    function(**kwargs)
 
 
 def run(argv: list[str]) -> None:

@@ -3,6 +3,7 @@
 import io
 import sys
 import time
+from dataclasses import dataclass
 
 import lightning as L
 import torch
@@ -16,7 +17,8 @@ from charlm.attention import MAX_CHARS, attention_picture
 from charlm.models import GPT
 from charlm.runs import RunLogger
 from charlm.sampling import generate
-from charlm.tokenizers import Tokenizer, empty_prompt
+from charlm.settings import Sampling, check, known_text
+from charlm.tokenizers import Tokenizer
 
 
 def shown(metrics: dict) -> dict[str, str]:
@@ -207,55 +209,18 @@ class TrainingSpeed(L.Callback):
             self.paused_at = time.perf_counter()
 
 
-def check_prompt(prompt: str, tokenizer: Tokenizer, flag: str) -> None:
-    unknown = tokenizer.unknown(prompt)
-    if unknown:
-        raise ValueError(f"{flag} has characters {unknown!r} that are not in the corpus: change it")
+@dataclass(eq=False)
+class GenerationCallback(Sampling, L.Callback):
+    """After each validation, sample text from a fixed prompt with a fixed seed, print it and log it to TensorBoard:
+    the same prompt and seed every time, so the samples differ only because the model learned. Its settings are
+    `charlm.settings.Sampling`'s (--generation.*); --generation.max_new_tokens 0 turns the samples off."""
 
-
-class GenerationCallback(L.Callback):
-    """After each validation, sample text from a fixed prompt with a fixed seed, print it and log it to TensorBoard.
-
-    The same prompt and seed every time, so the samples differ only because the model learned.
-
-    Args:
-        prompt: the text the samples continue; every character must be in the corpus. By default a newline, or where
-            the corpus has none, the first character of its vocabulary.
-        max_new_tokens: characters to generate; 0 turns the samples off.
-        temperature: sampling temperature; 0 picks the most likely character.
-        top_k: sample only among the k most likely characters (None: all).
-        seed: seed of the sampling generator (the training random state is left alone).
-    """
-
-    def __init__(
-        self,
-        prompt: str | None = None,
-        max_new_tokens: int = 300,
-        temperature: float = 0.8,
-        top_k: int | None = None,
-        seed: int = 1337,
-    ):
-        # checked now, not at the first validation, after all the training before it
-        if max_new_tokens < 0:
-            raise ValueError(f"--generation.max_new_tokens {max_new_tokens} must be >= 0 (0 turns the samples off)")
-        if prompt == "":
-            raise ValueError("--generation.prompt is empty: give at least one character (the default is a newline)")
-        if not 0 <= temperature < float("inf"):  # also refuses NaN
-            raise ValueError(f"--generation.temperature {temperature} must be a number >= 0 (0 is greedy)")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"--generation.top_k {top_k} must be >= 1, or null for every character")
-        if not -(2**63) <= seed < 2**64:
-            raise ValueError(f"--generation.seed {seed} is outside what a generator takes: use e.g. 1337")
-        self.prompt = prompt
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_k = top_k
-        self.seed = seed
+    def __post_init__(self):
+        check(self, "--generation.")  # now, not at the first validation, after all the training before it
+        self.text: str | None = None
 
     def check_prompt(self, tokenizer: Tokenizer) -> None:
-        if self.prompt is None:  # not the user's flag: a corpus without a newline gets a prompt it can encode
-            self.prompt = empty_prompt(tokenizer)
-        check_prompt(self.prompt, tokenizer, "--generation.prompt")
+        self.text = self.usable_prompt(tokenizer, "--generation.")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.check_prompt(trainer.datamodule.tokenizer)
@@ -270,12 +235,11 @@ class GenerationCallback(L.Callback):
             return
         tokenizer = trainer.datamodule.tokenizer
         net = pl_module.net
-        idx = torch.tensor([tokenizer.encode(self.prompt)], device=pl_module.device)
-        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        idx = torch.tensor([tokenizer.encode(self.text)], device=pl_module.device)
         was_training = net.training
         net.eval()
         with trainer.precision_plugin.forward_context():
-            tokens = generate(net, idx, self.max_new_tokens, self.temperature, self.top_k, generator=generator)
+            tokens = generate(net, idx, self)
             text = tokenizer.decode(torch.cat([idx, *tokens], dim=1)[0].tolist())
         net.train(was_training)
         print(f"\n--- sample at step {trainer.global_step} ---\n{text}\n---", flush=True)
@@ -301,7 +265,7 @@ class AttentionCallback(L.Callback):
 
     def check_prompt(self, tokenizer: Tokenizer) -> None:
         if self.prompt is not None:
-            check_prompt(self.prompt, tokenizer, "--attention.prompt")
+            known_text(tokenizer, self.prompt, "--attention.prompt")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.check_prompt(trainer.datamodule.tokenizer)

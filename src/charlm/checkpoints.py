@@ -28,8 +28,8 @@ import torch
 from jsonargparse import Namespace
 from rich.console import Console
 
-from charlm.corpus import file_kind
 from charlm.errors import first_line
+from charlm.files import file_kind
 from charlm.models import GPT, Bigram, Net
 from charlm.tokenizers import Tokenizer, tokenizer_from_state
 

@@ -6,14 +6,21 @@ The flags are the `__init__` signatures: `--model.*` (CharLM, with the net under
 `configs/gpt-cpu.yaml` (jsonargparse's default config file): the recipe is written once.
 """
 
+import json
 import logging
+import os
+import random
 import re
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ProgressBar
@@ -26,11 +33,12 @@ from charlm.callbacks import AttentionCallback, GenerationCallback, Report, Step
 from charlm.data import CharDataModule
 from charlm.files import atomic_write, lock_folder
 from charlm.flags import Help, OneLineErrors
-from charlm.saving import ResumableCheckpoint
+from charlm.saving import AtomicCheckpointIO, ResumableCheckpoint
 from charlm.tokenizers import visible
 from charlm.training import CharLM, check_schedule
 
 RECIPE = Path(__file__).parent / "gpt-cpu.yaml"  # configs/gpt-cpu.yaml links here: one file, two names
+SIGNAL_LOGGER = "lightning.pytorch.trainer.connectors.signal_connector"
 
 
 class ArgumentParser(OneLineErrors, LightningArgumentParser):
@@ -234,6 +242,9 @@ class CharLMCLI(LightningCLI):
         if self.ckpt is not None:
             ckpt_path = self.config_init[self.subcommand]["ckpt_path"]
             checkpoints.check_fits(self.ckpt, ckpt_path, self.subcommand, self.trainer, self.model, self.datamodule)
+            io = self.trainer.strategy.checkpoint_io
+            if isinstance(io, AtomicCheckpointIO):  # unless --trainer.plugins replaced it: restored as checked here
+                io.hand_over(Path(ckpt_path), self.ckpt)
         if self.init_ckpt is not None:
             path = self.model.hparams.init_from
             new = checkpoints.start_from(self.init_ckpt, path, self.model.net, self.datamodule.tokenizer)
@@ -311,27 +322,80 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", re.escape("`isinstance(treespec, LeafSpec)` is deprecated"), FutureWarning)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(not_an_advert)
     # its "Received SIGTERM: 15": charlm says what a signal did
-    logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLevel(logging.WARNING)
+    logging.getLogger(SIGNAL_LOGGER).setLevel(logging.WARNING)
     if torch.cuda.is_available():  # TF32 tensor cores for float32 matmuls, as nanoGPT; Lightning warns without it
         torch.set_float32_matmul_precision("high")
 
 
+# the loggers a run sets the level or the filters of
+LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero", SIGNAL_LOGGER)
+
+
+@contextmanager
+def process_state_kept() -> Iterator[None]:
+    """Put back what a run changes for the whole process: warning filters, the loggers charlm quiets, the signal
+    handlers, the random generators and seed variables that Lightning sets, float32 matmul precision."""
+    loggers = [(logger, logger.level, list(logger.filters)) for logger in map(logging.getLogger, LOGGERS)]
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    seeds = {name: os.environ.get(name) for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
+    generators = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    precision = torch.get_float32_matmul_precision()
+    with warnings.catch_warnings():
+        try:
+            yield
+        finally:
+            for logger, level, filters in loggers:
+                logger.setLevel(level)
+                logger.filters[:] = filters
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            for name, value in seeds.items():
+                os.environ.pop(name, None) if value is None else os.environ.update({name: value})
+            random.setstate(generators[0])
+            np.random.set_state(generators[1])
+            torch.set_rng_state(generators[2])
+            torch.set_float32_matmul_precision(precision)
+
+
 def run(args: list[str], callbacks: Sequence[L.Callback] = ()) -> CharLMCLI:
-    """Run `charlm fit|validate|test` with these arguments in this process."""
-    quiet_lightning()
-    return CharLMCLI(args, callbacks)
+    """Run `charlm fit|validate|test` with these arguments in this process, which is left as it was found."""
+    with process_state_kept():
+        quiet_lightning()
+        return CharLMCLI(args, callbacks)
 
 
-def fit(flags: Sequence[str] = (), callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
+def as_flags(settings: dict, prefix: str = "") -> list[str]:
+    """Keyword settings as the flags that say the same: `{"model": {"net": {"n_layer": 2}}}` is
+    `--model.net.n_layer=2` (a mapping with a class_path is one value)."""
+    flags = []
+    for key, value in settings.items():
+        if isinstance(value, dict) and value and "class_path" not in value:
+            flags += as_flags(value, f"{prefix}{key}.")
+            continue
+        try:
+            flags.append(f"--{prefix}{key}={value if isinstance(value, str) else json.dumps(value)}")
+        except TypeError:
+            raise ValueError(
+                f"{prefix}{key}: a {type(value).__name__} is no setting: give numbers, strings, lists or mappings "
+                "(a callback object goes in callbacks=)"
+            ) from None
+    return flags
+
+
+def fit(flags: Sequence[str] = (), callbacks: Sequence[L.Callback] = (), **settings) -> L.Trainer:
     """Train as `python -m charlm fit FLAGS` does, in this process, and return the Trainer when the run ends.
 
     Args:
         flags: fit's flags as on the command line: `["--config", "configs/bigram.yaml", "--trainer.max_steps", "50"]`.
         callbacks: Lightning callbacks added to the run's own (objects, not flags).
+        settings: the same settings as mappings, after the flags: `model={"net": {"n_layer": 2}}`,
+            `trainer={"max_steps": 100}`, `data={"path": "my.txt"}`, `config="configs/bigram.yaml"`.
 
     The Trainer holds the results: `trainer.callback_metrics["val/loss"]`, `trainer.checkpoint_callback`'s
     `best_model_path` and `last_model_path`, `trainer.logger.log_dir`. A refused flag raises `FlagError`, a refused
     value `ValueError` or `OSError` (one line each, as the command prints them), a SIGINT or SIGTERM during training
-    `Stopped` once `last.ckpt` is saved.
+    `Stopped` once `last.ckpt` is saved. Warning filters, logger levels, signal handlers and random generators are
+    as they were when it returns or raises.
     """
-    return run(["fit", *flags], callbacks).trainer
+    return run(["fit", *flags, *as_flags(settings)], callbacks).trainer

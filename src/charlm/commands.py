@@ -7,101 +7,68 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt, restricted_number_type
+from jsonargparse.typing import PositiveInt
 
-Probability = restricted_number_type("Probability", float, [(">", 0), ("<=", 1)])
-SEEDS = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
-Seed = restricted_number_type("Seed", int, [(">=", SEEDS[0]), ("<=", SEEDS[1])])
-Device = Literal["auto", "cpu", "cuda", "mps"]
+from charlm.settings import Device, Sampling, known_text
+
 DEFAULT_PICTURE = "attention.png"
 
 
-def load(ckpt_path: str, prompt: str, prompt_file: str | None, device: str, unknown: str):
-    """The checkpoint's file, net and tokenizer, the device and the prompt that generate and attention are given."""
+def load(ckpt_path: str, device: str, prompt_file: str | None):
+    """The checkpoint's file, net and tokenizer, the device, and the prompt file's text (None without one)."""
     from charlm import checkpoints
-    from charlm.data import read_text
+    from charlm.files import read_text
+    from charlm.settings import pick_device
 
-    if prompt and prompt_file:
-        raise ValueError("--prompt and --prompt_file both given: pass one of them")
     device = pick_device(device)
     path = checkpoints.resolve(ckpt_path, Path("checkpoints"))
     net, tokenizer = checkpoints.load_net(path, device)
-    prompt = read_text(Path(prompt_file), "--prompt_file") if prompt_file else prompt
-    return path, net, tokenizer, device, usable_prompt(tokenizer, prompt, unknown, "pass --unknown skip")
+    return path, net, tokenizer, device, read_text(Path(prompt_file), "--prompt_file") if prompt_file else None
 
 
-def pick_device(device: str) -> str:
-    """The device a model runs on: auto is a CUDA GPU, then Apple's MPS, then the CPU."""
-    import torch
-
-    here = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if device == "auto":
-        return next(name for name, available in here.items() if available)
-    if not here[device]:
-        what = "CUDA GPU" if device == "cuda" else "Apple MPS device"
-        raise ValueError(f"--device {device}: no {what} is available here: use --device cpu or auto")
-    return device
-
-
-def usable_prompt(tokenizer, prompt: str, unknown: str, skip: str) -> str:
-    """The prompt as the model reads it: without the characters the model never saw when `unknown` is skip (else
-    they are an error that says `skip` is the way round it), and `empty_prompt` when nothing is left."""
-    from charlm.tokenizers import empty_prompt
-
-    missing = tokenizer.unknown(prompt)
-    if missing and unknown == "error":
-        raise ValueError(
-            f"the prompt has characters {missing!r} that are not among the model's {tokenizer.vocab_size}: "
-            f"change the prompt, or {skip} to drop them"
-        )
-    return "".join(c for c in prompt if c not in set(missing)) or empty_prompt(tokenizer)
+def one_prompt(prompt: str, prompt_file: str | None) -> None:
+    if prompt and prompt_file:
+        raise ValueError("--prompt and --prompt_file both given: pass one of them")
 
 
 def generate(
     ckpt_path: str,
-    prompt: str = "",
+    sampling: Sampling,
     prompt_file: str | None = None,
-    max_new_tokens: NonNegativeInt = 500,
-    temperature: NonNegativeFloat = 0.8,
-    top_k: PositiveInt | None = None,
-    top_p: Probability | None = None,
     num_samples: PositiveInt = 1,
-    seed: Seed = 1337,
     device: Device = "auto",
-    unknown: Literal["error", "skip"] = "error",
 ) -> None:
     """Stream text from a trained checkpoint to stdout (the checkpoint is all it needs).
 
     Args:
         ckpt_path: a .ckpt file; a folder (its last.ckpt, else the newest one a folder down); last: the newest run
             under checkpoints/; best: that run's lowest val/loss.
-        prompt: the text to continue (empty: a newline).
+        sampling: the prompt and how the text is drawn (charlm.settings.Sampling).
         prompt_file: read the prompt from this UTF-8 file instead.
-        max_new_tokens: characters to generate.
-        temperature: 0 is greedy (argmax).
-        top_k: sample among the k most likely characters.
-        top_p: nucleus: sample among the smallest set of characters whose probability reaches p.
         num_samples: independent samples, one after another.
-        seed: the same seed, checkpoint, arguments and device give the same text.
         device: where to run the model.
-        unknown: what to do with prompt characters the model never saw.
     """
     import torch
 
-    from charlm import sampling
+    from charlm import sampling as sample
+    from charlm.settings import check
 
     if sys.stdout is None:  # started with stdout closed (generate >&-): Python has no stream to write the text to
         raise OSError("stdout is closed, and generate writes the text there: send it to a file or a pipe")
-    path, net, tokenizer, device, prompt = load(ckpt_path, prompt, prompt_file, device, unknown)
+    check(sampling, "--")
+    one_prompt(sampling.prompt, prompt_file)
+    path, net, tokenizer, device, text = load(ckpt_path, device, prompt_file)
+    sampling.prompt = sampling.prompt if text is None else text
+    prompt = sampling.usable_prompt(tokenizer, "--")
     print(f"charlm: sampling from {path} on {device}", file=sys.stderr)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(sampling.seed)
     idx = torch.tensor([tokenizer.encode(prompt)], device=device)
     for i in range(num_samples):
         if num_samples > 1:
             sys.stdout.write(f"===== sample {i + 1} of {num_samples} =====\n")
         sys.stdout.write(prompt)
         decoder = tokenizer.decoder()
-        for next_id in sampling.generate(net, idx, max_new_tokens, temperature, top_k, top_p, generator):
+        for next_id in sample.generate(net, idx, sampling, generator):
             sys.stdout.write(decoder.push(next_id.item()))
             sys.stdout.flush()  # stream: each character appears as soon as it is complete
         sys.stdout.write(decoder.flush() + "\n")
@@ -143,7 +110,9 @@ def attention(
         raise FileNotFoundError(f"--out {out}: the folder {out.parent} does not exist: create it, or write elsewhere")
     if out.is_dir():
         raise IsADirectoryError(f"--out {out} is a folder: give a file name ending in .png")
-    path, net, tokenizer, _, prompt = load(ckpt_path, prompt, prompt_file, device, unknown)
+    one_prompt(prompt, prompt_file)
+    path, net, tokenizer, _, text = load(ckpt_path, device, prompt_file)
+    prompt = known_text(tokenizer, prompt if text is None else text, "--prompt", "--unknown skip", unknown == "skip")
     if not isinstance(net, GPT):
         raise ValueError(f"--ckpt_path {path} holds a {type(net).__name__}, which has no attention: pass a GPT's")
     image, note = attention_picture(net, tokenizer, tokenizer.encode(prompt))

@@ -18,7 +18,6 @@ import errno
 import hashlib
 import json
 import os
-import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from charlm.files import atomic_write, lock_folder
+from charlm.files import atomic_write, file_kind, lock_folder
 from charlm.tokenizers import ByteTokenizer, CharTokenizer, Tokenizer, tokenizer_from_state
 
 FORMAT = 2  # 2: meta.json holds a digest of its fields
@@ -78,21 +77,6 @@ def unreadable(error: OSError) -> None:
     raise OSError(
         f"--data.path: {error.filename} cannot be read ({error.strerror}): make it readable, or move it out"
     ) from None
-
-
-def file_kind(path: Path) -> str:
-    """What path is, from stat (following symlinks) alone: opening a FIFO to look would block."""
-    try:
-        mode = path.stat().st_mode
-    except (FileNotFoundError, NotADirectoryError):  # or a file where a folder on its path should be
-        return "missing"
-    if stat.S_ISREG(mode):
-        return "a regular file"
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file"
 
 
 def fingerprint(file: Path) -> dict:

@@ -235,28 +235,6 @@ class CharDataModule(L.LightningDataModule):
             )
 
 
-MAX_PROMPT_BYTES = 2**20  # far beyond any model's context: a bigger prompt file is a mistake (a corpus, a disk image)
-
-
-def read_text(file: Path, flag: str) -> str:
-    """Read a UTF-8 text file, with one-line errors that name the flag it came from and what is wrong with it."""
-    kind = corpus.file_kind(file)
-    if kind == "missing":
-        raise FileNotFoundError(f"{flag} {file} does not exist: pass a UTF-8 text file")
-    if kind != "a regular file":
-        raise ValueError(f"{flag} {file} is {kind}, not a regular file: pass a UTF-8 text file")
-    size = file.stat().st_size
-    if size > MAX_PROMPT_BYTES:
-        raise ValueError(
-            f"{flag} {file} holds {size:,} bytes, more than a prompt's {MAX_PROMPT_BYTES:,}: pass the text to continue"
-        )
-    raw = file.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{flag} {file} is not UTF-8 (byte offset {e.start}): convert it to UTF-8") from None
-
-
 def summary(data: CharDataModule) -> None:
     """A first look at a corpus: its size, alphabet, most frequent characters, opening and split.
 

@@ -4,6 +4,7 @@
 import fcntl
 import os
 import re
+import stat
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,3 +75,40 @@ def lock_folder(folder: Path, busy: str | None = None):
         if TEMP_NAME.match(stale.name):
             stale.unlink()
     return lock
+
+
+def file_kind(path: Path) -> str:
+    """What path is, from stat (following symlinks) alone: opening a FIFO to look would block."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):  # or a file where a folder on its path should be
+        return "missing"
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file"
+
+
+MAX_PROMPT_BYTES = 2**20  # far beyond any model's context: a bigger prompt file is a mistake (a corpus, a disk image)
+
+
+def read_text(file: Path, flag: str) -> str:
+    """Read a UTF-8 text file, with one-line errors that name the flag it came from and what is wrong with it."""
+    kind = file_kind(file)
+    if kind == "missing":
+        raise FileNotFoundError(f"{flag} {file} does not exist: pass a UTF-8 text file")
+    if kind != "a regular file":
+        raise ValueError(f"{flag} {file} is {kind}, not a regular file: pass a UTF-8 text file")
+    size = file.stat().st_size
+    if size > MAX_PROMPT_BYTES:
+        raise ValueError(
+            f"{flag} {file} holds {size:,} bytes, more than a prompt's {MAX_PROMPT_BYTES:,}: pass the text to continue"
+        )
+    raw = file.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag} {file} is not UTF-8 (byte offset {e.start}): convert it to UTF-8") from None

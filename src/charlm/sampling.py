@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from charlm.models import GPT, Net
+from charlm.settings import Sampling
 
 # attention kernels for generation: not cuDNN's, torch's first choice on an H100 (torch >= 2.10), which sets up a new
 # execution graph for every new pair of query and key lengths, and every generation step brings a new key length
@@ -49,21 +50,21 @@ def distribution(
 def generate(
     net: Net,
     idx: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 0.8,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    settings: Sampling,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     with_probs: bool = False,
 ) -> Iterator[torch.Tensor] | Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield `max_new_tokens` next-token ids (B, 1), one at a time, continuing idx (B, T).
+    """Yield `settings.max_new_tokens` next-token ids (B, 1), one at a time, continuing idx (B, T), drawn as
+    `settings` say (`generator`: seeded with `settings.seed` unless given; the prompt is already in idx).
 
     With use_cache (the default) the GPT computes one new position per step from its KV cache. With with_probs,
     yield (ids, probabilities (B, vocab_size)): the distribution each id was drawn from (for temperature 0, greedy,
     the model's own, whose most likely token it took).
     """
-    block_size = net.block_size
+    block_size, temperature = net.block_size, settings.temperature
+    if generator is None:
+        generator = torch.Generator(device=idx.device).manual_seed(settings.seed)
     cached = use_cache and isinstance(net, GPT)
     window = idx[:, -block_size:]  # the context: for the cached path, exactly what is in the cache
     with sdpa_kernel(GENERATION_ATTENTION):
@@ -71,12 +72,12 @@ def generate(
             net.set_kv_cache(idx.size(0))
         try:
             logits = net(window)[0][:, -1]
-            for _ in range(max_new_tokens):
+            for _ in range(settings.max_new_tokens):
                 if temperature == 0:  # greedy
                     next_id = logits.argmax(dim=-1, keepdim=True)
                     probs = F.softmax(logits.float(), dim=-1) if with_probs else None
                 else:
-                    probs = distribution(logits, temperature, top_k, top_p)
+                    probs = distribution(logits, temperature, settings.top_k, settings.top_p)
                     next_id = torch.multinomial(probs, 1, generator=generator)
                 yield (next_id, probs) if with_probs else next_id
                 window = torch.cat((window, next_id), dim=1)

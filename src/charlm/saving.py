@@ -12,14 +12,29 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from charlm.checkpoints import LAST
+from charlm.checkpoints import LAST, read
 from charlm.errors import Stopped, stop_now
 from charlm.files import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write each checkpoint with `files.atomic_write`: a crash, a kill or a full disk during a save leaves the
-    previous file with that name as it was."""
+    previous file with that name as it was. Read each with `checkpoints.read`; the one a command has already read and
+    checked (`hand_over`) is not read again."""
+
+    def __init__(self):
+        super().__init__()
+        self.handed: tuple[Path, dict] | None = None
+
+    def hand_over(self, path: Path, ckpt: dict) -> None:
+        """The checkpoint that Lightning is about to restore, as the command read and checked it."""
+        self.handed = (Path(path).absolute(), ckpt)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        if self.handed is not None and self.handed[0] == Path(path).absolute():
+            ckpt, self.handed = self.handed[1], None
+            return ckpt
+        return read(Path(path))
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None:

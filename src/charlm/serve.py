@@ -18,23 +18,22 @@ import asyncio
 import copy
 import errno
 import json
-import math
 import socket
 import sys
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
 from jsonargparse.typing import PositiveInt, restricted_number_type
 
-from charlm.commands import SEEDS, Device
 from charlm.errors import first_line
+from charlm.settings import Device, Sampling, bounded, describe, from_json, known_text
 
 LOCAL = ("127.0.0.1", "localhost", "::1")
 Port = restricted_number_type("Port", int, [(">=", 0), ("<=", 65535)])
-KINDS = {str: "a string", int: "a whole number", float: "a finite number", list: "a list"}  # as JSON says them
 TOP = 10  # candidates sent with every token, and the drawn one if it is not among them
 FRAME = 0.01  # seconds of tokens sent together: faster than a screen refreshes
 KEEP = 2  # nets kept loaded: the served one and the one picked last
@@ -76,7 +75,7 @@ def serve(
     except ImportError:
         raise OSError("charlm serve needs uvicorn and starlette: pip install -e '.[serve]'") from None
     from charlm import checkpoints
-    from charlm.commands import pick_device
+    from charlm.settings import pick_device
 
     device = pick_device(device)
     folder = Path(runs)
@@ -217,51 +216,38 @@ def own_copy(net):
     return copy.deepcopy(net, memo=shared)
 
 
-def request_object(body: bytes) -> dict:
-    """A request's body as a JSON object, else a 400 that shows one."""
+@dataclass(eq=False)
+class GenerateRequest(Sampling):
+    """POST /api/generate's body: the generation settings, and the run (a name from GET /api/runs; none: the served
+    one)."""
+
+    run: str | None = bounded(None, low=0, high=1000)
+
+
+@dataclass(eq=False)
+class AttentionRequest:
+    """POST /api/attention's body: the run, the text (as characters or as token ids) and the position to look from
+    (none: the last)."""
+
+    run: str | None = bounded(None, low=0, high=1000)
+    text: str | None = bounded(None, low=1)
+    ids: list | None = bounded(None, low=1)
+    pos: int | None = bounded(None, low=0)
+
+
+def settings_of(body: bytes, cls, limits: dict):
+    """A request's body as the settings `cls` holds, else a 400 (no JSON object) or a 422 (a field refused)."""
     try:
         given = json.loads(body, parse_constant=lambda name: name)  # NaN and Infinity stay words: no numbers
-    except ValueError as e:
-        raise HTTPError(400, f'the body is not JSON ({e}): send an object such as {{"prompt": "ROMEO:"}}') from None
+    except (ValueError, RecursionError) as e:
+        reason = "nested too deep" if isinstance(e, RecursionError) else e
+        raise HTTPError(400, f'the body is not JSON ({reason}): send an object such as {{"prompt": "Hi"}}') from None
     if not isinstance(given, dict):
         raise HTTPError(400, f'the body is a JSON {type(given).__name__}: send an object such as {{"prompt": "Hi"}}')
-    return given
-
-
-def no_others(given: dict, fields: dict) -> dict:
-    """The checked fields, once the request is known to send no others."""
-    unknown = sorted(set(given) - set(fields))
-    if unknown:
-        raise HTTPError(422, f"unknown field {unknown[0][:100]!r}: the fields are {', '.join(fields)}")
-    return fields
-
-
-def field(given: dict, name: str, kind: type, default, low=0, high=math.inf, above: bool = False):
-    """A request's field: a `kind` (str and list: of length) in [low, high] ((low, high] when above), or default
-    when missing or null."""
-    value = given.get(name)
-    if value is None:
-        return default
-    # a whole number is a float, a bool is no number, and JSON's 1e999 (infinity) is no setting
-    if not (type(value) is kind or (kind is float and type(value) is int)) or value in (math.inf, -math.inf):
-        raise HTTPError(422, f"{name} {shorten(value)} is not {KINDS[kind]}")
-    size = len(value) if kind in (str, list) else value
-    if not (low < size if above else low <= size) or not size <= high:
-        what = f"{name} has length {size}," if kind in (str, list) else f"{name} {shorten(value)} is"
-        raise HTTPError(422, f"{what} outside {'(' if above else '['}{low}, {high}]")
-    return value
-
-
-def choice(given: dict, name: str, words: tuple[str, ...]) -> str:
-    value = given.get(name, words[0])
-    if value not in words:
-        raise HTTPError(422, f"{name} {shorten(value)} is not one of {', '.join(map(json.dumps, words))}")
-    return value
-
-
-def shorten(value) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    try:
+        return from_json(cls, given, limits)
+    except ValueError as e:
+        raise HTTPError(422, str(e)) from None
 
 
 async def read_body(request, limit: int) -> bytes:
@@ -283,20 +269,17 @@ def candidates(names: list[str], probs, n: int, drawn: int) -> tuple[float, list
     return float(f"{p:.4g}"), top if drawn in ids else [*top, [names[drawn], float(f"{p:.4g}")]]
 
 
-def produce(net, tokenizer, device: str, prompt_ids: list[int], s: dict, stop: threading.Event, send) -> None:
+def produce(net, tokenizer, device: str, prompt_ids: list[int], s: Sampling, stop: threading.Event, send) -> None:
     """Sample as `charlm generate` does, sending one event per token until done or asked to stop."""
     import torch
 
     from charlm import sampling
 
     try:
-        generator = torch.Generator(device=device).manual_seed(s["seed"])
         idx = torch.tensor([prompt_ids], device=device)
         decoder, count, started = tokenizer.decoder(), 0, time.perf_counter()
         names = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
-        steps = sampling.generate(
-            net, idx, s["max_new_tokens"], s["temperature"], s["top_k"], s["top_p"], generator, with_probs=True
-        )
+        steps = sampling.generate(net, idx, s, with_probs=True)
         for next_id, probs in steps:
             if stop.is_set():
                 steps.close()  # frees the KV cache now
@@ -322,7 +305,6 @@ def playground(runs: Runs, max_prompt: int, max_new_tokens: int, max_clients: in
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 
-    from charlm.commands import usable_prompt
     from charlm.models import GPT
     from charlm.tokenizers import labels
 
@@ -337,29 +319,20 @@ def playground(runs: Runs, max_prompt: int, max_new_tokens: int, max_clients: in
 
     async def list_runs(request):
         listing = await asyncio.to_thread(runs.listing)
-        return JSONResponse({"runs": listing, "device": runs.device, "limits": limits, "generating": generating()})
+        settings = describe(Sampling, limits)
+        return JSONResponse(
+            {"runs": listing, "device": runs.device, "limits": limits, "settings": settings, "generating": generating()}
+        )
 
     async def generate(request):
-        given = request_object(await read_body(request, body_limit))
-        s = no_others(given, {
-            "run": field(given, "run", str, None, high=1000),
-            "prompt": field(given, "prompt", str, "", high=max_prompt),
-            "max_new_tokens": field(given, "max_new_tokens", int, 500, high=max_new_tokens),
-            "temperature": field(given, "temperature", float, 0.8),
-            "top_k": field(given, "top_k", int, None, low=1),
-            "top_p": field(given, "top_p", float, None, high=1, above=True),
-            "seed": field(given, "seed", int, 1337, *SEEDS),
-            "unknown": choice(given, "unknown", ("error", "skip")),
-        })  # fmt: skip
+        s = settings_of(await read_body(request, body_limit), GenerateRequest, limits)
         if generating() >= max_clients:
             raise HTTPError(
                 429, f"{max_clients} generations are running, the most this server runs at once: try again soon"
             )
-        net, tokenizer, name = await asyncio.to_thread(runs.get, s["run"])
-        if s["top_k"] is not None:
-            s["top_k"] = min(s["top_k"], tokenizer.vocab_size)
+        net, tokenizer, name = await asyncio.to_thread(runs.get, s.run)
         try:
-            prompt = usable_prompt(tokenizer, s["prompt"], s["unknown"], 'send "unknown": "skip"')
+            prompt = s.usable_prompt(tokenizer, "")
         except ValueError as e:
             raise HTTPError(422, str(e)) from None
         prompt_ids = tokenizer.encode(prompt)
@@ -405,28 +378,22 @@ def playground(runs: Runs, max_prompt: int, max_new_tokens: int, max_clients: in
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     async def attention(request):
-        given = request_object(await read_body(request, body_limit))
-        s = no_others(given, {
-            "run": field(given, "run", str, None, high=1000),
-            "text": field(given, "text", str, None, low=1, high=longest),
-            "ids": field(given, "ids", list, None, low=1, high=longest),
-            "pos": field(given, "pos", int, None, high=longest - 1),
-        })  # fmt: skip
-        net, tokenizer, name = await asyncio.to_thread(runs.get, s["run"])
+        s = settings_of(await read_body(request, body_limit), AttentionRequest, places)
+        net, tokenizer, name = await asyncio.to_thread(runs.get, s.run)
         if not isinstance(net, GPT):
             raise HTTPError(422, f"run {name!r} is a {type(net).__name__}, which has no attention: pick a GPT's run")
-        if (s["text"] is None) == (s["ids"] is None):
+        if (s.text is None) == (s.ids is None):
             raise HTTPError(422, 'send one of "text" (a string) and "ids" (token ids)')
-        if s["text"] is not None:
-            missing = tokenizer.unknown(s["text"])
-            if missing:
-                raise HTTPError(422, f"text has characters {missing[:10]!r} that the model never saw: remove them")
-            ids = tokenizer.encode(s["text"])
+        if s.text is not None:
+            try:
+                ids = tokenizer.encode(known_text(tokenizer, s.text, "text"))
+            except ValueError as e:
+                raise HTTPError(422, str(e)) from None
         else:
-            ids = s["ids"]
+            ids = s.ids
             if not all(type(i) is int and 0 <= i < tokenizer.vocab_size for i in ids):
                 raise HTTPError(422, f"ids: each must be a whole number in [0, {tokenizer.vocab_size - 1}]")
-        pos = len(ids) - 1 if s["pos"] is None else s["pos"]
+        pos = len(ids) - 1 if s.pos is None else s.pos
         if pos >= len(ids):
             raise HTTPError(422, f"pos {pos} is past the text's last position, {len(ids) - 1}")
         first = max(0, pos + 1 - net.block_size)  # the model reads at most block_size tokens
@@ -447,7 +414,8 @@ def playground(runs: Runs, max_prompt: int, max_new_tokens: int, max_clients: in
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
         return JSONResponse({"error": f"{request.url.path}: {exc.detail}"}, status_code=exc.status_code)
 
-    limits = {"max_prompt": max_prompt, "max_new_tokens": max_new_tokens, "max_clients": max_clients}
+    limits = {"prompt": max_prompt, "max_new_tokens": max_new_tokens}
+    places = {"text": longest, "ids": longest, "pos": longest - 1}
     page = Path(str(files("charlm") / "playground"))
     return Starlette(
         routes=[

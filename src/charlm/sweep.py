@@ -90,9 +90,7 @@ def read_space(path: Path) -> dict:
     try:
         space = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise ValueError(
-            f"--space {path}: cannot be read as YAML ({str(e).splitlines()[0]}): pass a space file"
-        ) from None
+        raise ValueError(f"--space {path}: cannot be read as YAML ({first_line(e)}): pass a space file") from None
     if not isinstance(space, dict) or not space:
         raise ValueError(f"--space {path} is not a mapping of flags to distributions: see configs/sweeps/cpu.yaml")
     distributions = {}
@@ -160,23 +158,20 @@ def run_trial(trial, folder: Path, flags: list[str], keep_checkpoints: bool) -> 
             "pass --study with another name"
         )
     (folder / name).mkdir()
-    sampled = [f"--{flag}={value}" for flag, value in trial.params.items()]
     pruning = Pruning(trial)
-    where = [
-        f"--trainer.logger.init_args.save_dir={folder}",
-        f"--trainer.logger.init_args.name={name}",
-        "--trainer.logger.init_args.version=0",
-        f"--checkpoint.dirpath={folder / name / 'checkpoints'}",
-    ]
+    where = {
+        "trainer": {"logger": {"init_args": {"save_dir": str(folder), "name": name, "version": 0}}},
+        "checkpoint": {"dirpath": str(folder / name / "checkpoints")},
+    }
     try:
         with open(folder / name / "fit.log", "w") as log, redirect_stdout(log), redirect_stderr(log):
-            fit([*flags, *sampled, *where], callbacks=[pruning])
+            fit(flags, callbacks=[pruning], **trial.params, **where)  # the sampled values, by their flags' names
     except optuna.TrialPruned:
         raise
     except (ValueError, OSError) as e:  # a one-line error of charlm's, a bad flag among them
         raise Failed(str(e).removeprefix("charlm fit: error: ")) from None
     except Exception as e:  # out of memory, or anything else a fit raises: that trial's, not the sweep's
-        raise Failed(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}") from None
+        raise Failed(f"{type(e).__name__}: {first_line(e)}") from None
     finally:
         if not keep_checkpoints:
             shutil.rmtree(folder / name / "checkpoints", ignore_errors=True)

@@ -27,8 +27,7 @@ async function loadRuns() {
   const answer = await fetch("/api/runs").then((r) => r.json());
   state.runs = answer.runs;
   $("device").textContent = `on ${answer.device}`;
-  $("prompt").maxLength = answer.limits.max_prompt;
-  $("max_new_tokens").max = answer.limits.max_new_tokens;
+  offer(answer.settings);
   const select = $("run");
   select.replaceChildren(...state.runs.map((run) => {
     const option = new Option(describe(run), run.name);
@@ -39,6 +38,22 @@ async function loadRuns() {
   const keep = runOf(state.run) && !runOf(state.run).error ? state.run : state.runs.find((r) => r.served).name;
   select.value = keep;
   pickRun(keep);
+}
+
+// the generation settings' defaults and bounds are the server's (charlm.settings.Sampling): set once, not typed here
+const OFFERED = ["max_new_tokens", "temperature", "top_k", "top_p", "seed"];
+
+function offer(settings) {
+  $("prompt").maxLength = settings.prompt.max;
+  for (const name of OFFERED) {
+    const input = $(name), {default: value, min, max, above} = settings[name];
+    if (input.dataset.offered) continue;  // a listing again (a new run): keep what the user typed
+    input.dataset.offered = "yes";
+    if (value !== null) input.value = value;
+    if (min !== null && !above) input.min = min;
+    if (max !== null) input.max = max;
+  }
+  $("temperature-range").value = $("temperature").value;
 }
 
 function pickRun(name) {
@@ -78,11 +93,7 @@ function settings() {
   return {
     run: state.run,
     prompt: $("prompt").value,
-    max_new_tokens: numberOrNull("max_new_tokens") ?? 500,
-    temperature: numberOrNull("temperature") ?? 0.8,
-    top_k: numberOrNull("top_k"),
-    top_p: numberOrNull("top_p"),
-    seed: numberOrNull("seed") ?? 1337,
+    ...Object.fromEntries(OFFERED.map((name) => [name, numberOrNull(name)])),  // null: the server's default
   };
 }
 
