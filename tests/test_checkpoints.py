@@ -98,6 +98,11 @@ CASES = {
         lambda c: c["hyper_parameters"].update(optimizer="sgd\nx"),
         "cannot be resumed (its optimizer is 'sgd\\nx', not adamw or muon)",
     ),
+    "a schedule peaking at 0": (
+        RESUME,
+        lambda c: c["lr_schedulers"][0].update(base_lrs=[0.0, 0.01, 0.05]),
+        "its schedule's base_lrs [0.0, 0.01, 0.05] are not one learning rate > 0 per group",
+    ),
     "no schedule": (RESUME, lambda c: c.update(lr_schedulers=[None]), "its lr_schedulers[0] is NoneType"),
     "no loops": (("fit", "validate"), lambda c: c.update(loops=None), "its loops is NoneType"),
 }

@@ -134,6 +134,25 @@ def test_resume_from_last_continues_the_global_step_and_the_curves(corpus, tmp_p
     ) in capsys.readouterr().err
 
 
+def test_a_resume_with_other_optimizer_settings_trains_with_them(corpus, tmp_path, capsys):
+    """What the resume announces is what the next checkpoint's optimizer and schedule hold (Lightning restores both
+    after they are built from the flags)."""
+    main(["fit", *tiny(corpus, max_steps=2)])
+    changed = {"lr": 0.001, "muon_lr": 0.005, "weight_decay": 0.5, "muon_weight_decay": 0.2, "beta2": 0.9}
+    flags = [f for key, value in changed.items() for f in (f"--model.{key}", str(value))]
+    main(["fit", *tiny(corpus, max_steps=4), "--ckpt_path", "last", *flags])
+    assert "--model.lr 0.001 (was 0.01)" in capsys.readouterr().err
+    ckpt = torch.load(tmp_path / "checkpoints/gpt-cpu-plays/version_0/last.ckpt", weights_only=True)
+    (state,), (schedule,) = ckpt["optimizer_states"], ckpt["lr_schedulers"]
+    adamw, muon = state["adamw"]["param_groups"], state["muon"]["param_groups"]
+    assert [g["initial_lr"] for g in [*adamw, *muon]] == schedule["base_lrs"] == [0.001, 0.001, 0.005]
+    assert [g["weight_decay"] for g in [*adamw, *muon]] == [0.5, 0.0, 0.2]
+    assert all(tuple(g["betas"]) == (0.9, 0.9) for g in adamw)
+    factors = {round(g["lr"] / g["initial_lr"], 9) for g in [*adamw, *muon]}
+    assert len(factors) == 1 and 0 < factors.pop() <= 1  # every group at the same place in the schedule
+    assert {key: ckpt["hyper_parameters"][key] for key in changed} == changed
+
+
 def test_validate_prints_the_same_exact_val_loss_twice_and_adds_no_run(trained, corpus, capsys, monkeypatch):
     cwd, *_ = trained
     monkeypatch.chdir(cwd)

@@ -7,7 +7,7 @@ import torch
 import yaml
 from conftest import ROOT, scalars, tiny
 
-from charlm import checkpoints
+from charlm import checkpoints, resume
 from charlm.__main__ import main
 from charlm.models import GPT, Bigram
 from charlm.tokenizers import ByteTokenizer, CharTokenizer
@@ -86,7 +86,7 @@ def test_shared_characters_keep_the_checkpoints_rows_bitwise_and_new_ones_their_
     old, new = CharTokenizer(ckpt["CharDataModule"]["chars"]), CharTokenizer("".join(sorted("\n {}éKING:abc")))
     net = GPT(**ckpt["hyper_parameters"]["net"]["init_args"] | {"vocab_size": new.vocab_size, "block_size": 16})
     fresh = {name: tensor.clone() for name, tensor in net.state_dict().items()}
-    assert checkpoints.start_from(ckpt, path, net, new) == ["{", "}", "é"]
+    assert resume.start_from(ckpt, path, net, new) == ["{", "}", "é"]
     weights = checkpoints.net_weights(ckpt)
     for i, c in enumerate(new.chars):
         row = weights["wte.weight"][old.stoi[c]] if c in old.stoi else fresh["wte.weight"][i]
@@ -103,13 +103,13 @@ def test_a_bigram_keeps_the_entries_of_known_pairs_and_bytes_map_onto_themselves
     ckpt = {"state_dict": {"net.table.weight": table}, "CharDataModule": CharTokenizer("abc").state()}
     net = Bigram(3)
     fresh = net.table.weight.detach().clone()
-    assert checkpoints.start_from(ckpt, "abc.ckpt", net, CharTokenizer("bcd")) == ["d"]
+    assert resume.start_from(ckpt, "abc.ckpt", net, CharTokenizer("bcd")) == ["d"]
     assert torch.equal(net.table.weight[:2, :2], table[1:, 1:])  # b and c, after and before each other
     assert torch.equal(net.table.weight[2], fresh[2]) and torch.equal(net.table.weight[:, 2], fresh[:, 2])
     table = torch.randn(256, 256)
     net = Bigram(256)
     ckpt = {"state_dict": {"net.table.weight": table}, "CharDataModule": ByteTokenizer().state()}
-    assert checkpoints.start_from(ckpt, "bytes.ckpt", net, ByteTokenizer()) == []
+    assert resume.start_from(ckpt, "bytes.ckpt", net, ByteTokenizer()) == []
     assert torch.equal(net.table.weight, table)
 
 

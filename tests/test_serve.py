@@ -22,7 +22,9 @@ from conftest import ROOT, tiny
 import charlm
 from charlm.__main__ import main
 from charlm.callbacks import GenerationCallback
-from charlm.serve import Runs, playground, produce
+from charlm.serve.app import playground
+from charlm.serve.catalogue import Runs
+from charlm.serve.stream import produce
 from charlm.settings import Sampling
 
 MAX_PROMPT, MAX_NEW_TOKENS = 200, 100_000  # room for a generation long enough to be stopped half-way
@@ -319,6 +321,25 @@ def test_one_generation_more_than_max_clients_is_a_429_and_the_next_after_them_i
         connection.close()
     wait_until_idle(url)
     assert text_of(stream(url, max_new_tokens=3))
+
+
+def test_a_burst_of_generations_at_once_gets_at_most_max_clients_of_them_started(url):
+    """A slot is taken as a request is accepted, not once its stream starts: a burst cannot pass the limit."""
+    wait_until_idle(url)
+
+    def post(_):
+        connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+        connection.request("POST", "/api/generate", body=json.dumps({"max_new_tokens": MAX_NEW_TOKENS}))
+        return connection, connection.getresponse().status
+
+    with ThreadPoolExecutor(3 * MAX_CLIENTS) as pool:
+        answers = list(pool.map(post, range(3 * MAX_CLIENTS)))
+    statuses = [status for _, status in answers]
+    assert statuses.count(200) == MAX_CLIENTS and statuses.count(429) == 2 * MAX_CLIENTS
+    assert request(url, "GET", "/api/runs")[1]["generating"] == MAX_CLIENTS
+    for connection, _ in answers:
+        connection.close()
+    wait_until_idle(url)
 
 
 def test_a_generation_asked_to_stop_takes_no_further_step(runs):

@@ -28,13 +28,12 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from rich.console import Console
 from rich.text import Text
 
-from charlm import checkpoints, runs
+from charlm import resume, runs
 from charlm.callbacks import AttentionCallback, GenerationCallback, Report, StepBar, StepLines, TrainingSpeed
 from charlm.data import CharDataModule
 from charlm.files import atomic_write, lock_folder
 from charlm.flags import Help, OneLineErrors
-from charlm.saving import AtomicCheckpointIO, ResumableCheckpoint
-from charlm.tokenizers import visible
+from charlm.saving import ResumableCheckpoint
 from charlm.training import CharLM, check_schedule
 
 RECIPE = Path(__file__).parent / "gpt-cpu.yaml"  # configs/gpt-cpu.yaml links here: one file, two names
@@ -146,55 +145,16 @@ class CharLMCLI(LightningCLI):
             trainer["precision"] = default_precision(trainer.get("accelerator"))
         if self.subcommand == "fit":  # before any file is written: a failed run still writes its log
             check_schedule(trainer)
-        self.ckpt = path = None
-        if config.get("ckpt_path") is not None:
-            folder = config["checkpoint"]["dirpath"] or Path("checkpoints", runs.run_name(config))
-            path = checkpoints.resolve(config["ckpt_path"], Path(folder))
-            config["ckpt_path"] = str(path)  # Lightning loads the very file checked here
-            self.ckpt = checkpoints.read(path)
-        elif self.subcommand != "fit":
-            raise ValueError(
-                f"{self.subcommand} scores a trained checkpoint: pass --ckpt_path last, best or a .ckpt file"
-            )
-        self.init_ckpt = self.starting_point(config) if self.subcommand == "fit" else None
-        if self.ckpt is not None:
-            checkpoints.adopt_architecture(config, self.given, self.ckpt, path, "--ckpt_path")
-        elif self.init_ckpt is not None:
-            init_from = Path(config["model"]["init_from"])
-            checkpoints.adopt_architecture(config, self.given, self.init_ckpt, init_from, "--model.init_from")
-        runs.place_run(config, self.ckpt, path)
+        self.plan = resume.plan(self.subcommand, config, self.given)
+        for key, value in self.plan.changes.items():
+            config[key] = value
+        runs.place_run(config, self.plan.ckpt, self.plan.path)
         if self.subcommand != "fit":  # a score, printed: not a TensorBoard run beside the trainings
             trainer["logger"] = False
 
-    def starting_point(self, config) -> dict | None:
-        """The checkpoint that --model.init_from names for a new run, read and checked, its file recorded in the
-        config. A resumed run records what its checkpoint does: where the weights it was started from came from."""
-        init_from = config["model"]["init_from"]
-        if self.ckpt is not None:
-            recorded = self.ckpt["hyper_parameters"].get("init_from")
-            resumes_it = init_from in (None, recorded) or (
-                recorded is not None
-                and Path(recorded).is_file()
-                and checkpoints.resolve(init_from, Path("checkpoints"), "--model.init_from").samefile(recorded)
-            )
-            if not resumes_it:
-                raise ValueError(
-                    f"--model.init_from {init_from} and --ckpt_path {config['ckpt_path']} both given: --ckpt_path "
-                    "resumes the run it names, --model.init_from starts a new one from a checkpoint's weights: drop one"
-                )
-            config["model"]["init_from"] = recorded
-            return None
-        if init_from is None:
-            return None
-        path = checkpoints.resolve(init_from, Path("checkpoints"), "--model.init_from")
-        config["model"]["init_from"] = str(path)
-        ckpt = checkpoints.read(path)
-        checkpoints.check_finite(ckpt, path)
-        return ckpt
-
     def _parse_ckpt_path(self) -> None:
         """Lightning would merge all of a checkpoint's stored hyperparameters over the config, silently; here only
-        its net is taken, and a config or flag that contradicts it is refused (`checkpoints.adopt_architecture`), and
+        its net is taken, and a config or flag that contradicts it is refused (`resume.architecture`), and
         the training settings are the config's. Private, until a release has Lightning-AI/pytorch-lightning#21408
         (an `adapt_checkpoint_hparams` hook for #20801)."""
 
@@ -228,7 +188,7 @@ class CharLMCLI(LightningCLI):
     def score(self, split: str, results: list[dict]) -> None:
         """The exact loss of the checkpoint, one line on stdout."""
         (metrics,) = results
-        tokens, step = int(metrics[f"{split}/tokens"]), self.ckpt.get("global_step", 0)
+        tokens, step = int(metrics[f"{split}/tokens"]), self.plan.ckpt.get("global_step", 0)
         print(
             f"{split} loss {metrics[f'{split}/loss']:.4f} ({metrics[f'{split}/bpc']:.3f} bpc) over {tokens:,} tokens: "
             f"{self.config_init[self.subcommand]['ckpt_path']}, step {step}"
@@ -239,21 +199,8 @@ class CharLMCLI(LightningCLI):
         for callback in self.trainer.callbacks:  # now: the Trainer makes the log folder before any callback's setup
             if isinstance(callback, GenerationCallback | AttentionCallback):
                 callback.check_prompt(self.datamodule.tokenizer)
-        if self.ckpt is not None:
-            ckpt_path = self.config_init[self.subcommand]["ckpt_path"]
-            checkpoints.check_fits(self.ckpt, ckpt_path, self.subcommand, self.trainer, self.model, self.datamodule)
-            io = self.trainer.strategy.checkpoint_io
-            if isinstance(io, AtomicCheckpointIO):  # unless --trainer.plugins replaced it: restored as checked here
-                io.hand_over(Path(ckpt_path), self.ckpt)
-        if self.init_ckpt is not None:
-            path = self.model.hparams.init_from
-            new = checkpoints.start_from(self.init_ckpt, path, self.model.net, self.datamodule.tokenizer)
-            about = "it knows every character of this text"
-            if new:
-                shown = ": " + " ".join(visible(c) for c in new) if len(new) <= 20 else ""
-                about = f"{len(new)} of this text's {self.datamodule.vocab_size} characters are new to it"
-                about += f" and start untrained{shown}"
-            print(f"charlm: starting from {path} (step {self.init_ckpt['global_step']}): {about}", file=sys.stderr)
+        for note in self.plan.check(self.subcommand, self.trainer, self.model, self.datamodule):
+            print(note, file=sys.stderr)
         if self.subcommand == "fit" and rank_zero_only.rank == 0:  # the run is accepted: nothing above writes
             self.hold_folder(Path(self.config["fit"]["checkpoint"]["dirpath"]).absolute())
 
@@ -261,7 +208,7 @@ class CharLMCLI(LightningCLI):
         """Lock the run's checkpoint folder, and refuse a fresh run into one that holds checkpoints, once the run is
         accepted and before its logger writes anything (a refused run would leave events in a live run's log)."""
         self.lock = lock_folder(folder, "wait for it to finish, or pass --checkpoint.dirpath with another folder")
-        if self.ckpt is None and list(folder.glob("*.ckpt")):
+        if self.plan.ckpt is None and list(folder.glob("*.ckpt")):
             raise FileExistsError(
                 f"{folder}/ already holds checkpoints of an earlier run: resume it with --ckpt_path last, or pass "
                 "--checkpoint.dirpath with a new folder"

@@ -1,4 +1,5 @@
-"""What ends a charlm command other than success: `charlm.__main__` turns each into one line and an exit code."""
+"""What ends a charlm command other than success: `charlm.__main__` turns each into one line and an exit code; and
+what ends a playground request other than success (`HTTPError`, a status and one line)."""
 
 
 class Stopped(BaseException):
@@ -22,3 +23,11 @@ class FlagError(ValueError):
 def first_line(error: BaseException, limit: int | None = 200) -> str:
     """An exception's message as one line of at most `limit` characters (its type's name when it has none)."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
+class HTTPError(Exception):
+    """A request the playground's API refuses: its status code and one line that names the value and the fix."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status

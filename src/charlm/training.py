@@ -30,7 +30,7 @@ class CharLM(L.LightningModule):
         muon_weight_decay: Muon's weight decay (the public speedruns use none).
         init_from: fine-tune: a charlm checkpoint (a file, a folder, last or best, as for generate) whose weights the
             net starts from, in a new run at step 0 with a fresh optimizer and schedule. `fit` takes the net's class,
-            sizes and tokenizer from it and loads its weights (`checkpoints.start_from`); the hparams record the file.
+            sizes and tokenizer from it and loads its weights (`resume.start_from`); the hparams record the file.
     """
 
     def __init__(

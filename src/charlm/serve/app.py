@@ -1,0 +1,168 @@
+"""The playground's Starlette app: the page, and the API's routes with their request bodies, checked by the same
+code as every surface's settings (`charlm.settings`)."""
+
+import asyncio
+import json
+import threading
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+import anyio
+
+from charlm.errors import HTTPError
+from charlm.serve.catalogue import Runs
+from charlm.serve.stream import Stream, produce
+from charlm.settings import Sampling, bounded, describe, from_json, known_text
+
+
+@dataclass(eq=False)
+class GenerateRequest(Sampling):
+    """POST /api/generate's body: the generation settings, and the run (a name from GET /api/runs; none: the served
+    one)."""
+
+    run: str | None = bounded(None, low=0, high=1000)
+
+
+@dataclass(eq=False)
+class AttentionRequest:
+    """POST /api/attention's body: the run, the text (as characters or as token ids) and the position to look from
+    (none: the last)."""
+
+    run: str | None = bounded(None, low=0, high=1000)
+    text: str | None = bounded(None, low=1)
+    ids: list | None = bounded(None, low=1)
+    pos: int | None = bounded(None, low=0)
+
+
+def settings_of(body: bytes, cls, limits: dict):
+    """A request's body as the settings `cls` holds, else a 400 (no JSON object) or a 422 (a field refused)."""
+    try:
+        given = json.loads(body, parse_constant=lambda name: name)  # NaN and Infinity stay words: no numbers
+    except (ValueError, RecursionError) as e:
+        reason = "nested too deep" if isinstance(e, RecursionError) else e
+        raise HTTPError(400, f'the body is not JSON ({reason}): send an object such as {{"prompt": "Hi"}}') from None
+    if not isinstance(given, dict):
+        raise HTTPError(400, f'the body is a JSON {type(given).__name__}: send an object such as {{"prompt": "Hi"}}')
+    try:
+        return from_json(cls, given, limits)
+    except ValueError as e:
+        raise HTTPError(422, str(e)) from None
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The request's body, refused once it grows past `limit` bytes (a client may send anything)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HTTPError(413, f"the body is over {limit} bytes: send a shorter prompt")
+    return bytes(body)
+
+
+def playground(runs: Runs, max_prompt: int, max_new_tokens: int, max_clients: int, stopping=lambda: False):
+    """The Starlette app: the page and the API; `stopping()` says when the server is shutting down, and every
+    stream then ends."""
+    import torch
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.responses import FileResponse, JSONResponse, StreamingResponse
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+
+    from charlm.models import GPT
+    from charlm.tokenizers import labels
+
+    longest = max_prompt + max_new_tokens  # the longest text the page holds
+    body_limit = 16 * longest + 4096  # room for that text as escaped characters or as ids
+    limits = {"prompt": max_prompt, "max_new_tokens": max_new_tokens}
+    places = {"text": longest, "ids": longest, "pos": longest - 1}
+    # a generation holds a slot from its acceptance to its worker's end: taken and checked with no await between
+    slots = anyio.CapacityLimiter(max_clients)
+
+    async def list_runs(request):
+        listing = await asyncio.to_thread(runs.listing)
+        return JSONResponse(
+            {
+                "runs": listing,
+                "device": runs.device,
+                "settings": describe(Sampling, limits),
+                "max_clients": max_clients,
+                "generating": slots.borrowed_tokens,
+            }
+        )
+
+    async def generate(request):
+        s = settings_of(await read_body(request, body_limit), GenerateRequest, limits)
+        slot = object()
+        try:
+            slots.acquire_on_behalf_of_nowait(slot)
+        except anyio.WouldBlock:
+            raise HTTPError(
+                429, f"{max_clients} generations are running, the most this server runs at once: try again soon"
+            ) from None
+        try:
+            net, tokenizer, name = await asyncio.to_thread(runs.get, s.run)
+            prompt = s.usable_prompt(tokenizer, "")
+        except ValueError as e:
+            slots.release_on_behalf_of(slot)
+            raise HTTPError(422, str(e)) from None
+        except BaseException:
+            slots.release_on_behalf_of(slot)
+            raise
+        prompt_ids = tokenizer.encode(prompt)
+        stream = Stream(done=lambda: slots.release_on_behalf_of(slot))
+        args = (net, tokenizer, runs.device, prompt_ids, s, stream.stop, stream.send)
+        threading.Thread(target=produce, args=args, daemon=True).start()
+        start = {"run": name, "prompt": prompt, "ids": prompt_ids, "labels": labels(tokenizer, prompt_ids)}
+        headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        return StreamingResponse(stream.body(start, stopping), media_type="text/event-stream", headers=headers)
+
+    async def attention(request):
+        s = settings_of(await read_body(request, body_limit), AttentionRequest, places)
+        net, tokenizer, name = await asyncio.to_thread(runs.get, s.run)
+        if not isinstance(net, GPT):
+            raise HTTPError(422, f"run {name!r} is a {type(net).__name__}, which has no attention: pick a GPT's run")
+        if (s.text is None) == (s.ids is None):
+            raise HTTPError(422, 'send one of "text" (a string) and "ids" (token ids)')
+        if s.text is not None:
+            try:
+                ids = tokenizer.encode(known_text(tokenizer, s.text, "text"))
+            except ValueError as e:
+                raise HTTPError(422, str(e)) from None
+        else:
+            ids = s.ids
+            if not all(type(i) is int and 0 <= i < tokenizer.vocab_size for i in ids):
+                raise HTTPError(422, f"ids: each must be a whole number in [0, {tokenizer.vocab_size - 1}]")
+        pos = len(ids) - 1 if s.pos is None else s.pos
+        if pos >= len(ids):
+            raise HTTPError(422, f"pos {pos} is past the text's last position, {len(ids) - 1}")
+        first = max(0, pos + 1 - net.block_size)  # the model reads at most block_size tokens
+        window = ids[first : pos + 1]
+
+        def weights():
+            with torch.inference_mode():
+                maps = net.attention(torch.tensor([window], device=runs.device))
+            return maps[:, 0, :, -1].double().cpu().round(decimals=5).tolist()  # (n_layer, n_head, len(window))
+
+        maps = await asyncio.to_thread(weights)
+        return JSONResponse(
+            {"run": name, "pos": pos, "first": first, "labels": labels(tokenizer, window), "weights": maps}
+        )
+
+    async def refused(request, exc):
+        if isinstance(exc, HTTPError):
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        return JSONResponse({"error": f"{request.url.path}: {exc.detail}"}, status_code=exc.status_code)
+
+    page = Path(str(files("charlm") / "playground"))
+    return Starlette(
+        routes=[
+            Route("/api/runs", list_runs),
+            Route("/api/generate", generate, methods=["POST"]),
+            Route("/api/attention", attention, methods=["POST"]),
+            Route("/", lambda request: FileResponse(page / "index.html")),
+            Mount("/static", StaticFiles(directory=page)),
+        ],
+        exception_handlers={HTTPError: refused, HTTPException: refused},
+    )
