@@ -82,6 +82,11 @@ CASES = {
         lambda c: c["optimizer_states"][0]["muon"]["state"][1].update(momentum_buffer=torch.zeros(3, 2)),
         "its optimizer momentum_buffer of parameter 1 is [3, 2]",
     ),
+    "a Muon momentum of no shape": (
+        RESUME,
+        lambda c: c["optimizer_states"][0]["muon"]["state"][1].update(momentum_buffer=torch.zeros(())),
+        "its optimizer momentum_buffer of parameter 1 is []",
+    ),
     "10^9 Newton-Schulz rounds": (
         RESUME,
         lambda c: c["optimizer_states"][0]["muon"]["param_groups"][0].update(ns_steps=10**9),

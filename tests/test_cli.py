@@ -347,6 +347,18 @@ def test_plain_fit_trains_the_cpu_recipe(capsys):
     assert default == recipe
 
 
+def test_fit_help_says_which_configs_are_read_in_what_order_and_a_config_without_an_optimizer_gets_muon(
+    capsys, tmp_path
+):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the classes' defaults, the recipe (" in text and "each --config in the order given, then the flags" in text
+    (tmp_path / "mine.yaml").write_text("data:\n  batch_size: 16\n")
+    config = resolved_config(capsys, "--config", str(tmp_path / "mine.yaml"))
+    assert config["model"]["optimizer"] == "muon" and config["data"]["batch_size"] == 16
+
+
 @pytest.mark.parametrize("name", sorted(path.stem for path in (ROOT / "configs").glob("*.yaml")))
 def test_every_config_parses_and_none_pins_mixed_precision(capsys, name):
     config = resolved_config(capsys, "--config", str(ROOT / f"configs/{name}.yaml"))

@@ -3,8 +3,10 @@
 import re
 
 import nbformat
+import pytest
 from conftest import ROOT
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 
 def test_the_tour_runs_top_to_bottom_and_computes_what_it_claims(corpus, tmp_path, monkeypatch):
@@ -22,3 +24,11 @@ def test_the_tour_runs_top_to_bottom_and_computes_what_it_claims(corpus, tmp_pat
     assert "rows 1-3 unchanged: [True, True, True]" in printed
     assert "the same text as charlm generate: True" in printed
     assert not list(tmp_path.iterdir())  # the tour works in a folder of its own
+
+
+def test_a_tour_text_that_is_no_file_stops_the_tour_naming_the_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHARLM_TOUR_TEXT", str(tmp_path))  # a folder
+    notebook = nbformat.read(ROOT / "notebooks/tour.ipynb", as_version=4)
+    client = NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": tmp_path}})
+    with pytest.raises(CellExecutionError, match=f"CHARLM_TOUR_TEXT={re.escape(str(tmp_path))} is no text file"):
+        client.execute()

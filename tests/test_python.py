@@ -12,7 +12,7 @@ import torch
 from conftest import scalars, tiny
 
 import charlm
-from charlm.errors import FlagError
+from charlm.errors import FlagError, Stopped
 
 
 class Validations(L.Callback):
@@ -77,3 +77,16 @@ def test_fit_takes_settings_as_mappings_and_leaves_the_process_as_it_found_it(co
     with pytest.raises(FlagError, match=r"--trainer.nope"):
         charlm.fit(tiny(corpus), trainer={"nope": 1})
     assert state()[:-1] == before[:-1]
+
+
+class Interrupting(L.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        raise KeyboardInterrupt
+
+
+def test_a_keyboard_interrupt_inside_the_run_is_stopped_as_a_ctrl_c_is(corpus, tmp_path):
+    """Lightning turns it into sys.exit(1); charlm.fit raises what a Ctrl-C raises, and the command exits 130."""
+    with pytest.raises(Stopped) as stopped:
+        charlm.fit(tiny(corpus), callbacks=[Interrupting()])
+    assert stopped.value.signum == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # Lightning's ignoring of a second one is undone

@@ -72,6 +72,7 @@ def test_top_k_and_top_p_compose():
     assert picks(top_p=0.65) == {0, 1}  # 0.4 < 0.65, 0.4 + 0.3 reaches it
     assert picks(top_p=0.75) == {0, 1, 2}
     assert picks(top_k=2, top_p=0.3) == {0}
+    assert picks(top_p=1e-300) == picks(top_p=1e-46) == {0}  # below float32's smallest: the most likely still stays
     assert picks() == {0, 1, 2, 3, 4}
     kept = distribution(logits, 1.0, top_k=3)[0]
     assert torch.allclose(kept[:3], torch.tensor([0.4, 0.3, 0.2]) / 0.9)  # what is kept is renormalised

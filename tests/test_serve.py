@@ -247,6 +247,21 @@ def test_a_byte_level_models_stream_is_the_clis_text_even_where_its_bytes_are_no
     assert status == 200 and len(answer["labels"]) == 32 and answer["first"] == len(ids) - 32
 
 
+def test_a_lone_surrogate_is_refused_in_one_line_by_a_byte_level_model_and_skipped_on_request(url):
+    """No UTF-8 encodes "\\ud800" (JSON can send it): a byte-level model never saw it, as a character model never saw
+    an accented letter."""
+    body = json.dumps({"run": "bytes-plays/version_0", "prompt": "RO\ud800"})
+    assert request(url, "POST", "/api/generate", body) == (
+        422,
+        {"error": "prompt has characters ['\\ud800'] that are not among the model's 256: change it, or pass unknown "
+         "skip to drop them"},
+    )  # fmt: skip
+    body = json.dumps({"run": "bytes-plays/version_0", "text": "RO\ud800"})
+    assert request(url, "POST", "/api/attention", body)[0] == 422
+    received = stream(url, run="bytes-plays/version_0", prompt="RO\ud800", unknown="skip", max_new_tokens=3)
+    assert received[0][1]["prompt"] == "RO" and received[-1][0] == "end"
+
+
 def test_unknown_prompt_characters_can_be_skipped_as_the_cli_skips_them(url, runs, capsys):
     received = stream(url, prompt="Zoë", unknown="skip", max_new_tokens=10)
     ckpt = runs / "checkpoints/gpt-cpu-plays/version_0"

@@ -178,6 +178,19 @@ def test_a_bad_space_is_one_line(tmp_path, monkeypatch):
     assert not (tmp_path / "sweeps").exists()
 
 
+@pytest.mark.parametrize("ask", ["--help", "--print_config"])
+def test_help_among_the_trials_flags_is_refused_before_any_trial(tmp_path, monkeypatch, ask):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "space.yaml").write_text("model.lr: {low: 0.01, high: 0.1}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--space", "space.yaml", "--", ask])
+    assert str(exit_info.value.code) == (
+        f"charlm: error: {ask} among the trials' fit flags would print instead of training: run python -m charlm fit "
+        f"{ask} on its own, then give the sweep only training flags"
+    )
+    assert not (tmp_path / "sweeps").exists()
+
+
 def test_the_sweeps_storage_and_names_are_checked_and_a_users_files_left_alone(text, tmp_path, capsys):
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
     command = ["sweep", "--space", "space.yaml", "--n_trials", "1"]

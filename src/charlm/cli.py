@@ -31,6 +31,7 @@ from rich.text import Text
 from charlm import resume, runs
 from charlm.callbacks import AttentionCallback, GenerationCallback, Report, StepBar, StepLines, TrainingSpeed
 from charlm.data import CharDataModule
+from charlm.errors import Stopped
 from charlm.files import atomic_write, lock_folder
 from charlm.flags import Help, OneLineErrors
 from charlm.saving import ResumableCheckpoint
@@ -38,6 +39,11 @@ from charlm.training import CharLM, check_schedule
 
 RECIPE = Path(__file__).parent / "gpt-cpu.yaml"  # configs/gpt-cpu.yaml links here: one file, two names
 SIGNAL_LOGGER = "lightning.pytorch.trainer.connectors.signal_connector"
+FIT = (
+    "Train a bigram or a GPT. The settings are read in this order, each over those before: the classes' defaults, "
+    f"the recipe ({RECIPE}, which configs/gpt-cpu.yaml links to), each --config in the order given, then the flags. "
+    "A config that names no optimizer trains with the recipe's (muon); configs/bigram.yaml and gpt.yaml name adamw."
+)
 
 
 class ArgumentParser(OneLineErrors, LightningArgumentParser):
@@ -85,7 +91,7 @@ class CharLMCLI(LightningCLI):
 
     def start(self, args: list[str]) -> None:
         self.command = args[0] if args and args[0] in COMMANDS else "fit"
-        recipe = {"fit": {"default_config_files": [str(RECIPE)]}} if self.command == "fit" else {}
+        recipe = {"fit": {"default_config_files": [str(RECIPE)], "description": FIT}} if self.command == "fit" else {}
         super().__init__(
             CharLM,
             CharDataModule,
@@ -309,7 +315,12 @@ def run(args: list[str], callbacks: Sequence[L.Callback] = ()) -> CharLMCLI:
     """Run `charlm fit|validate|test` with these arguments in this process, which is left as it was found."""
     with process_state_kept():
         quiet_lightning()
-        return CharLMCLI(args, callbacks)
+        try:
+            return CharLMCLI(args, callbacks)
+        except SystemExit as e:
+            if isinstance(e.__context__, KeyboardInterrupt):  # Lightning's sys.exit(1) once it caught one
+                raise Stopped(signal.SIGINT, "(a KeyboardInterrupt during the run)") from None
+            raise
 
 
 def as_flags(settings: dict, prefix: str = "") -> list[str]:

@@ -237,7 +237,8 @@ def check_optimizer(state: dict, params: list[torch.Tensor], groups: list[dict])
         if not (isinstance(index, int) and 0 <= index < len(params)):
             raise ValueError(f"its optimizer state names parameter {str(index)[:40]!r} of {len(params)}")
         for name, moment in expect(moments, dict, "optimizer state").items():
-            if expect(moment, torch.Tensor, f"optimizer {name}").dim() and moment.shape != params[index].shape:
+            shape = () if name == "step" else params[index].shape  # a step count, else one value per weight
+            if expect(moment, torch.Tensor, f"optimizer {name}").shape != shape:
                 raise ValueError(f"its optimizer {name} of parameter {index} is {list(moment.shape)}")
 
 

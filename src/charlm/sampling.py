@@ -41,6 +41,7 @@ def distribution(
     if top_p is not None:
         probs, order = torch.sort(F.softmax(logits, dim=-1), descending=True)
         drop_sorted = probs.cumsum(dim=-1) - probs >= top_p  # the more likely tokens already reach p
+        drop_sorted[:, 0] = False  # the most likely always stays: a p below float32's smallest rounds to 0
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return F.softmax(logits, dim=-1)

@@ -218,6 +218,12 @@ def sweep(
         raise ValueError('charlm sweep needs Optuna: pip install -e ".[sweep]"')
     from charlm.study import best_config, best_so_far, show, values  # they read Optuna's trials
 
+    asks = [flag for flag in fit or [] if flag in ("-h", "--help") or flag.split("=")[0] == "--print_config"]
+    if asks:
+        raise ValueError(
+            f"{asks[0]} among the trials' fit flags would print instead of training: run python -m charlm fit "
+            f"{asks[0]} on its own, then give the sweep only training flags"
+        )
     distributions = read_space(Path(space))
     name = study or Path(space).stem
     if not re.fullmatch(r"[\w.-]+", name) or name in (".", ".."):

@@ -56,7 +56,7 @@ class CharDecoder:
 
 
 class ByteTokenizer:
-    """The bytes of UTF-8 text, 256 ids: any file and any prompt, nothing unknown.
+    """The bytes of UTF-8 text, 256 ids: any file and any prompt, nothing unknown but what UTF-8 cannot encode.
 
     Decoded text shows a byte sequence that is not UTF-8 as Python's backslash escapes, one `\\xNN` per byte.
     """
@@ -72,7 +72,8 @@ class ByteTokenizer:
         return bytes(ids).decode("utf-8", "backslashreplace")
 
     def unknown(self, text: str) -> list[str]:
-        return []
+        """The characters UTF-8 cannot encode (lone surrogates, which only an escape such as "\\ud800" makes)."""
+        return sorted({c for c in text if "\ud800" <= c <= "\udfff"})
 
     def decoder(self) -> Decoder:
         return ByteDecoder()
