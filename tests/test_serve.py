@@ -519,3 +519,31 @@ def test_the_page_shows_the_servers_message_for_a_bad_setting(page):
     page.click("#generate")
     page.wait_for_selector("#output[data-state=error]")
     assert page.text_content("#status") == "temperature -1 is outside [0, inf]"
+
+
+def test_the_page_takes_its_settings_from_the_server_and_offers_one_it_has_no_field_for(browser, url):
+    """The defaults and bounds come from GET /api/runs (none is typed in the page); a number setting that a newer
+    server declares gets a field of its own, and its value is sent."""
+    page = browser.new_page()
+
+    def runs_with_one_more(route):
+        answer = route.fetch().json()
+        answer["settings"]["repetition_penalty"] = {"default": 1.0, "min": 1, "max": None, "above": False}
+        route.fulfill(json=answer)
+
+    sent = []
+    page.route("**/api/runs", runs_with_one_more)
+    page.route("**/api/generate", lambda route: (sent.append(route.request.post_data_json), route.fulfill(
+        status=422, json={"error": "stopped here by the test"})))  # fmt: skip
+    page.goto(url)
+    page.wait_for_selector("#repetition_penalty")
+    defaults = {f.name: f.default for f in dataclasses.fields(Sampling)}
+    for name in ("max_new_tokens", "temperature", "seed"):
+        assert float(page.input_value(f"#{name}")) == defaults[name]
+    assert page.get_attribute("#top_p", "max") == "1" and page.get_attribute("#max_new_tokens", "max") == "100000"
+    assert page.input_value("#repetition_penalty") == "1" and page.get_attribute("#repetition_penalty", "min") == "1"
+    page.fill("#repetition_penalty", "1.3")
+    page.click("#generate")
+    page.wait_for_selector("#output[data-state=error]")
+    assert sent[0]["repetition_penalty"] == 1.3 and sent[0]["temperature"] == defaults["temperature"]
+    page.close()

@@ -40,20 +40,29 @@ async function loadRuns() {
   pickRun(keep);
 }
 
-// the generation settings' defaults and bounds are the server's (charlm.settings.Sampling): set once, not typed here
-const OFFERED = ["max_new_tokens", "temperature", "top_k", "top_p", "seed"];
+// the generation settings, their defaults and bounds are the server's (charlm.settings.Sampling): a number setting
+// the page has no field for yet gets a plain one
+const offered = [];
 
 function offer(settings) {
   $("prompt").maxLength = settings.prompt.max;
-  for (const name of OFFERED) {
-    const input = $(name), {default: value, min, max, above} = settings[name];
-    if (input.dataset.offered) continue;  // a listing again (a new run): keep what the user typed
-    input.dataset.offered = "yes";
+  for (const [name, {default: value, min, max, above}] of Object.entries(settings)) {
+    if (name === "prompt" || name === "unknown" || offered.includes(name)) continue;  // kept: what the user typed
+    const input = $(name) ?? field(name);
+    offered.push(name);
     if (value !== null) input.value = value;
     if (min !== null && !above) input.min = min;
     if (max !== null) input.max = max;
   }
   $("temperature-range").value = $("temperature").value;
+}
+
+function field(name) {
+  const input = Object.assign(document.createElement("input"), {id: name, type: "number", step: "any"});
+  const label = document.createElement("label");
+  label.append(`${name.replaceAll("_", " ")} `, input);
+  document.querySelector("#compose .buttons").before(label);
+  return input;
 }
 
 function pickRun(name) {
@@ -93,7 +102,7 @@ function settings() {
   return {
     run: state.run,
     prompt: $("prompt").value,
-    ...Object.fromEntries(OFFERED.map((name) => [name, numberOrNull(name)])),  // null: the server's default
+    ...Object.fromEntries(offered.map((name) => [name, numberOrNull(name)])),  // null: the server's default
   };
 }
 
