@@ -44,7 +44,7 @@ def server(address: str, ckpt_run: str | None, max_new_tokens: int) -> tuple[flo
     connection = http.client.HTTPConnection(address, timeout=600)
     body = json.dumps({**SETTINGS, "max_new_tokens": max_new_tokens, "run": ckpt_run})
     start = time.perf_counter()
-    connection.request("POST", "/api/generate", body=body)
+    connection.request("POST", "/api/generate", body=body, headers={"Content-Type": "application/json"})
     response = connection.getresponse()
     first, count = None, 0
     for line in response:

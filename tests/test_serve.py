@@ -29,6 +29,7 @@ from charlm.settings import Sampling
 
 MAX_PROMPT, MAX_NEW_TOKENS = 200, 100_000  # room for a generation long enough to be stopped half-way
 MAX_CLIENTS = 10  # 8 at once are tested, with room for one that is ending as they start
+JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,8 @@ def runs(corpus, tmp_path_factory) -> Path:
 def url(runs):
     """The playground's address: `playground()` served by uvicorn in a thread, the GPT's run served."""
     served = runs / "checkpoints/gpt-cpu-plays/version_0/last.ckpt"
-    app = playground(Runs(runs / "checkpoints", served, "cpu"), MAX_PROMPT, MAX_NEW_TOKENS, MAX_CLIENTS)
+    hosts = {"127.0.0.1", "localhost", "::1"}
+    app = playground(Runs(runs / "checkpoints", served, "cpu"), MAX_PROMPT, MAX_NEW_TOKENS, MAX_CLIENTS, hosts)
     listener = socket.create_server(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
@@ -66,11 +68,11 @@ def url(runs):
     thread.join()
 
 
-def request(url: str, method: str, path: str, body: bytes | str | None = None):
+def request(url: str, method: str, path: str, body: bytes | str | None = None, headers: dict | None = None):
     """(status, parsed JSON) of one request."""
     connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
     body = body.encode() if isinstance(body, str) else body  # UTF-8, where http.client would send Latin-1
-    connection.request(method, path, body=body, headers={"Content-Type": "application/json"})
+    connection.request(method, path, body=body, headers={**JSON, **(headers or {})})
     response = connection.getresponse()
     answer = response.status, json.loads(response.read())
     connection.close()
@@ -90,7 +92,7 @@ def events(response):
 
 def stream(url: str, **settings) -> list[tuple[str, dict]]:
     connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=120)
-    connection.request("POST", "/api/generate", body=json.dumps(settings))
+    connection.request("POST", "/api/generate", body=json.dumps(settings), headers=JSON)
     response = connection.getresponse()
     assert response.status == 200 and response.getheader("Content-Type").startswith("text/event-stream")
     received = list(events(response))
@@ -298,6 +300,34 @@ def test_bad_attention_requests_are_a_4xx_with_a_one_line_message(url, body, sta
     assert answer[0] == status and message in answer[1]["error"]
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "status", "message"),
+    [
+        ("GET", "/api/runs", {"Host": "evil.example"}, 403, "Host 'evil.example' is not this server's: open it by"),
+        ("GET", "/", {"Host": "evil.example:8000"}, 403, "Host 'evil.example:8000' is not this server's"),
+        ("GET", "/api/runs", {"Host": "[::1"}, 403, "Host '[::1' is not this server's"),
+        ("POST", "/api/generate", {"Origin": "http://evil.example"}, 403, "a request from 'http://evil.example', "),
+        ("POST", "/api/attention", {"Origin": "null"}, 403, "a request from 'null', another site's page, is refused"),
+        ("POST", "/api/generate", {"Content-Type": "text/plain"}, 415, "the body is text/plain: send JSON, with"),
+        ("POST", "/api/attention", {"Content-Type": "application/x-www-form-urlencoded"}, 415, "the body is appl"),
+    ],
+)
+def test_what_another_sites_page_could_send_through_the_browser_is_refused_in_one_line(
+    url, method, path, headers, status, message
+):
+    """DNS rebinding (a foreign Host), a cross-site request (a foreign or null Origin), a form's simple POST: each
+    a 403 or 415 that names it, no CORS header, and the server goes on."""
+    connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+    connection.request(method, path, body='{"prompt": "Hi", "text": "Hi"}', headers={**JSON, **headers})
+    response = connection.getresponse()
+    answer = json.loads(response.read())
+    assert response.status == status and answer["error"].startswith(message) and "\n" not in answer["error"]
+    assert not [name for name, _ in response.getheaders() if name.lower().startswith("access-control")]
+    connection.close()
+    own = {"Origin": url, "Host": url.removeprefix("http://")}  # the page's own requests carry its own origin
+    assert request(url, "POST", "/api/attention", json.dumps({"text": "Hi"}), headers=own)[0] == 200
+
+
 def test_other_paths_and_methods_answer_in_json(url):
     assert request(url, "GET", "/api/nope") == (404, {"error": "/api/nope: Not Found"})
     assert request(url, "GET", "/api/generate") == (405, {"error": "/api/generate: Method Not Allowed"})
@@ -312,7 +342,7 @@ def wait_until_idle(url: str) -> None:
 
 def test_a_client_that_leaves_mid_stream_stops_its_generation(url):
     connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
-    connection.request("POST", "/api/generate", body=json.dumps({"max_new_tokens": MAX_NEW_TOKENS}))
+    connection.request("POST", "/api/generate", body=json.dumps({"max_new_tokens": MAX_NEW_TOKENS}), headers=JSON)
     received = events(connection.getresponse())
     assert next(received)[0] == "start" and next(received)[0] == "token"
     assert request(url, "GET", "/api/runs")[1]["generating"] == 1
@@ -324,7 +354,7 @@ def test_one_generation_more_than_max_clients_is_a_429_and_the_next_after_them_i
     connections = []
     for _ in range(MAX_CLIENTS):
         connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
-        connection.request("POST", "/api/generate", body=json.dumps({"max_new_tokens": MAX_NEW_TOKENS}))
+        connection.request("POST", "/api/generate", body=json.dumps({"max_new_tokens": MAX_NEW_TOKENS}), headers=JSON)
         received = events(connection.getresponse())
         assert next(received)[0] == "start" and next(received)[0] == "token"  # its thread is running
         connections.append(connection)
@@ -344,7 +374,7 @@ def test_a_burst_of_generations_at_once_gets_at_most_max_clients_of_them_started
 
     def post(_):
         connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
-        connection.request("POST", "/api/generate", body=json.dumps({"max_new_tokens": MAX_NEW_TOKENS}))
+        connection.request("POST", "/api/generate", body=json.dumps({"max_new_tokens": MAX_NEW_TOKENS}), headers=JSON)
         return connection, connection.getresponse().status
 
     with ThreadPoolExecutor(3 * MAX_CLIENTS) as pool:
@@ -382,7 +412,7 @@ def test_eight_clients_at_once_each_get_their_own_text(url):
 
 def test_serve_prints_its_address_warns_off_localhost_and_stops_on_ctrl_c_with_130(runs):
     process = subprocess.Popen(
-        [sys.executable, "-m", "charlm", "serve", "--host", "0.0.0.0", "--port", "0"],
+        [sys.executable, "-m", "charlm", "serve", "--host", "0.0.0.0", "--port", "0", "--allowed_hosts", "[box.lan]"],
         cwd=runs, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -391,18 +421,23 @@ def test_serve_prints_its_address_warns_off_localhost_and_stops_on_ctrl_c_with_1
         port = int(line.split(":")[3].split()[0])
         status, answer = request(f"http://127.0.0.1:{port}", "GET", "/api/runs")
         assert status == 200 and {run["name"] for run in answer["runs"]} >= {"gpt-cpu-plays/version_0"}
+        assert request(f"http://127.0.0.1:{port}", "GET", "/api/runs", headers={"Host": f"box.lan:{port}"})[0] == 200
+        assert request(f"http://127.0.0.1:{port}", "GET", "/api/runs", headers={"Host": "other.lan"})[0] == 403
         page = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         page.request("GET", "/")
         assert b"charlm playground" in page.getresponse().read()
         streaming = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        streaming.request("POST", "/api/generate", body=json.dumps({"max_new_tokens": 10000}))
+        streaming.request("POST", "/api/generate", body=json.dumps({"max_new_tokens": 10000}), headers=JSON)
         received = events(streaming.getresponse())
         assert next(received)[0] == "start" and next(received)[0] == "token"
         process.send_signal(signal.SIGINT)  # with a generation under way: it ends, and so does the server
         assert process.wait(timeout=30) == 130
         assert list(received)[-1] == ("error", {"error": "the server stopped"})
         stderr = process.stderr.read()
-        assert "warning: listening on 0.0.0.0: anyone who can reach this machine can use it" in stderr
+        assert (
+            "warning: listening on 0.0.0.0: anyone who can reach this machine can use it, by the names 0.0.0.0, "
+            "127.0.0.1, ::1, box.lan, localhost (--allowed_hosts adds more)"
+        ) in stderr
         assert stderr.endswith("charlm: SIGINT received: stopped\n") and "Traceback" not in stderr
     finally:
         process.kill()

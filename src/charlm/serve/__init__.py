@@ -41,6 +41,7 @@ def serve(
     max_prompt: PositiveInt = 4000,
     max_new_tokens: PositiveInt = 10000,
     max_clients: PositiveInt = 16,
+    allowed_hosts: list[str] | None = None,
 ) -> None:
     """Serve a playground page for trained checkpoints: type, watch the text stream, see what the model weighed.
 
@@ -53,6 +54,9 @@ def serve(
         max_prompt: the longest prompt a request may send, in characters.
         max_new_tokens: the most tokens one request may ask for.
         max_clients: the most generations at once (each has a thread and a KV cache); one more is answered 429.
+        allowed_hosts: the names other machines reach this one by, with --host 0.0.0.0 (for example
+            '[mybox.lan]'): a request for any Host but these, --host and this machine's own names is refused, as a
+            page on another site could make one through the user's browser.
     """
     try:
         import starlette  # noqa: F401  (the app's: checked here, before a model is loaded)
@@ -82,12 +86,17 @@ def serve(
         raise OSError(
             f"cannot listen on {host}: it is no address of this machine: use 127.0.0.1, or one of its own"
         ) from None
+    hosts = {*LOCAL, host, *(allowed_hosts or [])}
     if host not in LOCAL:
-        print(f"charlm: warning: listening on {host}: anyone who can reach this machine can use it", file=sys.stderr)
+        print(
+            f"charlm: warning: listening on {host}: anyone who can reach this machine can use it, by the names "
+            f"{', '.join(sorted(hosts))} (--allowed_hosts adds more)",
+            file=sys.stderr,
+        )
     address = listener.getsockname()
     shown = f"[{address[0]}]" if ":" in address[0] else address[0]
     print(f"charlm: serving {served} on {device}", file=sys.stderr)
     print(f"charlm: playground at http://{shown}:{address[1]}  (Ctrl-C stops it)", flush=True)
-    app = playground(catalogue, max_prompt, max_new_tokens, max_clients, stopping=lambda: server.should_exit)
+    app = playground(catalogue, max_prompt, max_new_tokens, max_clients, hosts, stopping=lambda: server.should_exit)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     server.run(sockets=[listener])  # a Ctrl-C is raised again once it has stopped: exit 130

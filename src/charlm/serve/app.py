@@ -7,6 +7,7 @@ import threading
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import anyio
 
@@ -35,6 +36,44 @@ class AttentionRequest:
     pos: int | None = bounded(None, low=0)
 
 
+class Guard:
+    """Refuse what a page on another site could make the user's browser send: a request for another Host (DNS
+    rebinding), a request from another origin or from "null", a POST that is not JSON (a form's "simple" request,
+    which no browser asks leave for first). A 403 or 415 and one line; no CORS header is ever sent."""
+
+    def __init__(self, app, hosts: set[str]):
+        self.app, self.hosts = app, hosts
+
+    async def __call__(self, scope, receive, send):
+        from starlette.datastructures import Headers
+        from starlette.responses import JSONResponse
+
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            host, origin = headers.get("host", ""), headers.get("origin")
+            kind = headers.get("content-type", "").split(";")[0].strip().lower()
+            refusal = None
+            if hostname(host) not in self.hosts:
+                names = ", ".join(sorted(self.hosts))
+                refusal = 403, f"Host {host[:100]!r} is not this server's: open it by one of {names}"
+            elif origin is not None and origin.lower() != f"http://{host.lower()}":
+                refusal = 403, f"a request from {origin[:100]!r}, another site's page, is refused: open the playground"
+            elif scope["method"] == "POST" and kind != "application/json":
+                refusal = 415, f"the body is {kind or 'untyped'}: send JSON, with Content-Type: application/json"
+            if refusal:
+                await JSONResponse({"error": refusal[1]}, status_code=refusal[0])(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def hostname(host: str) -> str | None:
+    """A Host header's name, lowercased, without its port and an IPv6 address's brackets (None: no name)."""
+    try:
+        return urlsplit(f"//{host}").hostname
+    except ValueError:  # such as "[::1"
+        return None
+
+
 def settings_of(body: bytes, cls, limits: dict):
     """A request's body as the settings `cls` holds, else a 400 (no JSON object) or a 422 (a field refused)."""
     try:
@@ -60,12 +99,15 @@ async def read_body(request, limit: int) -> bytes:
     return bytes(body)
 
 
-def playground(runs: Runs, max_prompt: int, max_new_tokens: int, max_clients: int, stopping=lambda: False):
-    """The Starlette app: the page and the API; `stopping()` says when the server is shutting down, and every
-    stream then ends."""
+def playground(
+    runs: Runs, max_prompt: int, max_new_tokens: int, max_clients: int, hosts: set[str], stopping=lambda: False
+):
+    """The Starlette app: the page and the API, for requests whose Host is one of `hosts` (`Guard`); `stopping()`
+    says when the server is shutting down, and every stream then ends."""
     import torch
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
     from starlette.responses import FileResponse, JSONResponse, StreamingResponse
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
@@ -165,4 +207,5 @@ def playground(runs: Runs, max_prompt: int, max_new_tokens: int, max_clients: in
             Mount("/static", StaticFiles(directory=page)),
         ],
         exception_handlers={HTTPError: refused, HTTPException: refused},
+        middleware=[Middleware(Guard, hosts={name.lower() for name in hosts})],
     )
