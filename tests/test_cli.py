@@ -347,6 +347,27 @@ def test_plain_fit_trains_the_cpu_recipe(capsys):
     assert default == recipe
 
 
+def test_a_config_that_is_a_fifo_or_an_alias_bomb_is_one_line_before_anything_reads_it(tmp_path, monkeypatch):
+    """jsonargparse would wait on a FIFO for a writer, and expand nested aliases ("billion laughs") for minutes."""
+    monkeypatch.chdir(tmp_path)
+    os.mkfifo("fifo.yaml")
+    bomb, previous = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n', "a"
+    for name in "bcdefghi":
+        bomb += f"{name}: &{name} [{', '.join([f'*{previous}'] * 9)}]\n"
+        previous = name
+    (tmp_path / "bomb.yaml").write_text(bomb)
+    (tmp_path / "loop.yaml").write_text("model: &m {net: [*m]}\n")
+    cases = {
+        ("--config", "fifo.yaml"): "--config fifo.yaml is a FIFO, not a regular file",
+        ("--config=bomb.yaml",): "--config bomb.yaml: its aliases expand it to more than 100,000 values",
+        ("--model", "loop.yaml"): "--model loop.yaml: an alias names a node it is inside of",
+    }
+    for flags, message in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", *flags])
+        assert str(exit_info.value.code).startswith(f"charlm: error: {message}")
+
+
 def test_fit_help_says_which_configs_are_read_in_what_order_and_a_config_without_an_optimizer_gets_muon(
     capsys, tmp_path
 ):

@@ -1,5 +1,6 @@
 """`python -m charlm sweep`: Optuna trials of real fits, pruned, failed, shared by two workers, resumed after a kill."""
 
+import os
 import re
 import signal
 import subprocess
@@ -175,6 +176,17 @@ def test_a_bad_space_is_one_line(tmp_path, monkeypatch):
     assert str(exit_info.value.code) == (
         "charlm: error: --space space.yaml: model.lr: low and high must be numbers with low <= high, not 0.1 and 0.01"
     )
+    (tmp_path / "infinite.yaml").write_text("model.lr: {low: 0.01, high: .inf}\n")
+    os.mkfifo(tmp_path / "fifo.yaml")
+    cases = {
+        "infinite.yaml": "--space infinite.yaml: model.lr: low and high must be numbers with low <= high, not 0.01 and",
+        "fifo.yaml": "--space fifo.yaml is a FIFO, not a regular file",
+        "/dev/zero": "--space /dev/zero is a device, not a regular file",
+    }
+    for space, message in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main(["sweep", "--space", space])
+        assert str(exit_info.value.code).startswith(f"charlm: error: {message}")
     assert not (tmp_path / "sweeps").exists()
 
 

@@ -32,13 +32,15 @@ from charlm import resume, runs
 from charlm.callbacks import AttentionCallback, GenerationCallback, Report, StepBar, StepLines, TrainingSpeed
 from charlm.data import CharDataModule
 from charlm.errors import Stopped
-from charlm.files import atomic_write, lock_folder
+from charlm.files import atomic_write, check_yaml, lock_folder
 from charlm.flags import Help, OneLineErrors
 from charlm.saving import ResumableCheckpoint
 from charlm.training import CharLM, check_schedule
 
 RECIPE = Path(__file__).parent / "gpt-cpu.yaml"  # configs/gpt-cpu.yaml links here: one file, two names
 SIGNAL_LOGGER = "lightning.pytorch.trainer.connectors.signal_connector"
+# the flags whose value may be a config file (a group's own: --model my-model.yaml)
+CONFIG_FLAGS = {"--config", "-c", "--trainer", "--model", "--data", "--checkpoint", "--generation", "--attention"}
 FIT = (
     "Train a bigram or a GPT. The settings are read in this order, each over those before: the classes' defaults, "
     f"the recipe ({RECIPE}, which configs/gpt-cpu.yaml links to), each --config in the order given, then the flags. "
@@ -91,6 +93,11 @@ class CharLMCLI(LightningCLI):
 
     def start(self, args: list[str]) -> None:
         self.command = args[0] if args and args[0] in COMMANDS else "fit"
+        for i, flag in enumerate(args):  # jsonargparse would open a FIFO, and expand an alias bomb
+            name, equals, value = flag.partition("=")
+            value = value if equals else (args[i + 1] if i + 1 < len(args) else "")
+            if name in CONFIG_FLAGS and value and (Path(value).exists() or Path(value).is_symlink()):
+                check_yaml(Path(value), name)
         recipe = {"fit": {"default_config_files": [str(RECIPE)], "description": FIT}} if self.command == "fit" else {}
         super().__init__(
             CharLM,

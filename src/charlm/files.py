@@ -92,7 +92,8 @@ def file_kind(path: Path) -> str:
     return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file"
 
 
-MAX_PROMPT_BYTES = 2**20  # far beyond any model's context: a bigger prompt file is a mistake (a corpus, a disk image)
+MAX_TEXT_BYTES = 2**20  # far beyond any prompt, config or search space: a bigger one is a mistake (a corpus, a disk)
+MAX_YAML_VALUES = 100_000  # far beyond any config: more is aliases nested to expand for minutes ("billion laughs")
 
 
 def read_text(file: Path, flag: str) -> str:
@@ -103,12 +104,47 @@ def read_text(file: Path, flag: str) -> str:
     if kind != "a regular file":
         raise ValueError(f"{flag} {file} is {kind}, not a regular file: pass a UTF-8 text file")
     size = file.stat().st_size
-    if size > MAX_PROMPT_BYTES:
+    if size > MAX_TEXT_BYTES:
         raise ValueError(
-            f"{flag} {file} holds {size:,} bytes, more than a prompt's {MAX_PROMPT_BYTES:,}: pass the text to continue"
+            f"{flag} {file} holds {size:,} bytes, more than the {MAX_TEXT_BYTES:,} charlm reads from such a file: "
+            "pass the file you meant"
         )
     raw = file.read_bytes()
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{flag} {file} is not UTF-8 (byte offset {e.start}): convert it to UTF-8") from None
+
+
+def check_yaml(file: Path, flag: str) -> str:
+    """A YAML file's text, once it is known to be a small regular UTF-8 file (`read_text`) whose aliases do not
+    expand it past MAX_YAML_VALUES values; any YAML error is one line."""
+    import yaml
+
+    text = read_text(file, flag)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)  # an alias is the node it names again: nothing expands
+    except yaml.YAMLError as e:
+        raise ValueError(f"{flag} {file}: cannot be read as YAML ({' '.join(str(e).split())[:200]}): fix it") from None
+    sizes: dict[int, int] = {}  # each distinct node's size with its aliases expanded, counted once per node
+    open_nodes: set[int] = set()  # begun, not finished: the path from the root to the node at hand
+    stack = [(root, False)] if root is not None else []
+    while stack:  # children before parents; a loop, not recursion: nesting may be deep
+        node, ready = stack.pop()
+        children = node.value if isinstance(node, yaml.SequenceNode) else []
+        if isinstance(node, yaml.MappingNode):
+            children = [item for pair in node.value for item in pair]
+        if ready:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = min(1 + sum(sizes[id(child)] for child in children), MAX_YAML_VALUES + 1)
+        elif id(node) not in sizes and id(node) not in open_nodes:
+            if any(id(child) in open_nodes or child is node for child in children):  # an alias inside what it names
+                raise ValueError(f"{flag} {file}: an alias names a node it is inside of: write the values out")
+            open_nodes.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if id(child) not in sizes)
+    if root is not None and sizes[id(root)] > MAX_YAML_VALUES:
+        raise ValueError(
+            f"{flag} {file}: its aliases expand it to more than {MAX_YAML_VALUES:,} values: write the values out"
+        )
+    return text

@@ -13,6 +13,7 @@ storage (by default SQLite, `sweeps/<study>/study.db`): the same command again c
 (or machines, with a shared database) given the same storage work on it together until it holds `n_trials` trials.
 """
 
+import math
 import os
 import re
 import shutil
@@ -29,7 +30,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from charlm.cli import fit
 from charlm.errors import first_line
-from charlm.files import lock_folder
+from charlm.files import check_yaml, lock_folder
 
 try:
     import optuna
@@ -85,8 +86,8 @@ def median_pruner(startup_trials: int):
 def read_space(path: Path) -> dict:
     """The search space file as Optuna distributions, with one-line errors for what is not one."""
     try:
-        space = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
+        space = yaml.safe_load(check_yaml(path, "--space"))
+    except yaml.YAMLError as e:
         raise ValueError(f"--space {path}: cannot be read as YAML ({first_line(e)}): pass a space file") from None
     if not isinstance(space, dict) or not space:
         raise ValueError(f"--space {path} is not a mapping of flags to distributions: see configs/sweeps/cpu.yaml")
@@ -101,7 +102,8 @@ def read_space(path: Path) -> dict:
             distributions[flag] = optuna.distributions.CategoricalDistribution(spec["choices"])
             continue
         low, high = spec.get("low"), spec.get("high")
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high)) or not low <= high:
+        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high))
+        if not numbers or not low <= high:
             raise ValueError(f"{where}: low and high must be numbers with low <= high, not {low!r} and {high!r}")
         log, step = bool(spec.get("log", False)), spec.get("step")
         try:
