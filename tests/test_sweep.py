@@ -272,6 +272,27 @@ def test_a_space_that_no_longer_matches_the_study_is_one_line(text, tmp_path):
     assert str(exit_info.value.code).endswith("restore the space, or pass --study with a new name")
 
 
+def test_what_is_not_the_storages_fault_is_not_blamed_on_it(text, tmp_path):
+    """A seed no sampler takes, a best trial's config edited into no config, a space that gained a flag since the
+    study's trials: each says what it is (or is shown), and the database is never said to be the cause."""
+    command = sweep_command(tmp_path, text, n_trials=1)
+    command[command.index("--seed") + 1] = str(2**70)
+    with pytest.raises(SystemExit) as exit_info:
+        main(command)
+    assert str(exit_info.value.code) == (
+        f"charlm: error: --seed {2**70} is outside what Optuna's samplers take, [0, {2**32 - 1}]: pass one inside"
+    )
+    main(sweep_command(tmp_path, text, n_trials=1))
+    wider = SPACE | {"model.beta2": {"low": 0.9, "high": 0.99}}
+    main([*sweep_command(tmp_path, text, n_trials=1, space=wider), "--show_only", "true"])  # shown, the flag blank
+    saved = tmp_path / "sweeps/space/trial_0/version_0/config.yaml"
+    saved.write_text("- not\n- a config\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main([*sweep_command(tmp_path, text, n_trials=1), "--show_only", "true"])
+    assert str(exit_info.value.code).startswith(f"charlm: error: {saved.relative_to(tmp_path)} is not the config a ")
+    assert "storage" not in str(exit_info.value.code)
+
+
 def test_a_database_spoiled_under_a_running_sweep_is_one_line(text, tmp_path):
     spoil = ["--trainer.callbacks+=probes.Spoil", "--trainer.callbacks.init_args.path", "sweeps/space/study.db"]
     with pytest.raises(SystemExit) as exit_info:  # the first trial's fit overwrites the database as it starts

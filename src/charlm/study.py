@@ -9,16 +9,24 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
 
-from charlm.files import atomic_write
+from charlm.errors import first_line
+from charlm.files import atomic_write, check_yaml
 
 
 def best_config(folder: Path, trial) -> Path | None:
     """Write the best trial's config as one that `fit --config` runs as is (its own logs and checkpoints), unless a
     best.yaml is there that charlm did not write as it is (a person edited it): then None."""
-    config = yaml.safe_load((folder / f"trial_{trial.number}/version_0/config.yaml").read_text())
-    config["trainer"]["logger"]["init_args"] |= {"save_dir": "logs", "name": None, "version": None}
-    config["checkpoint"]["dirpath"] = None
-    config["ckpt_path"] = None
+    saved = folder / f"trial_{trial.number}/version_0/config.yaml"
+    try:
+        config = yaml.safe_load(check_yaml(saved, "the best trial's config"))
+        config["trainer"]["logger"]["init_args"] |= {"save_dir": "logs", "name": None, "version": None}
+        config["checkpoint"]["dirpath"] = None
+        config["ckpt_path"] = None
+    except (TypeError, KeyError, yaml.YAMLError) as e:  # edited since the trial wrote it
+        raise ValueError(
+            f"{saved} is not the config a trial writes ({type(e).__name__}: {first_line(e)}): restore it, or run the "
+            "best trial's settings by hand"
+        ) from None
     path = folder / "best.yaml"
     if (path.exists() or path.is_symlink()) and not written_by_charlm(path):
         return None
@@ -52,7 +60,7 @@ def show(study, space: dict, top: int) -> None:
         table.add_column(column, justify="right")
     for trial in done[:top]:
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
-        params = [brief(trial.params[k]) for k in space]
+        params = [brief(trial.params.get(k, "")) for k in space]  # a flag the space gained since: blank
         table.add_row(str(trial.number), f"{trial.value:.4f}", *params, f"{seconds:.1f}")
     Console().print(table)
     for trial in trials:

@@ -41,22 +41,18 @@ except ImportError:  # an optional extra: the other commands do not need it
 SWEEPS = Path("sweeps")
 
 
-class SweepError(ValueError):
-    """A sweep's own one-line error, said as it is; anything else raised while its storage is in use is the
-    storage's."""
-
-
 @contextmanager
 def storage_in_use(name: str, url: str, fix: str):
-    """Whatever the database or its driver raises, opening the study or at any moment after (a database spoiled,
-    locked or removed under a running sweep), as one line naming the storage and the fix."""
+    """What the database or its driver raises, opening the study or at any moment after (a database spoiled, locked
+    or removed under a running sweep), as one line naming the storage and the fix."""
     try:
         yield
-    except (SweepError, OSError):  # charlm's own errors, and those of its files and locks
-        raise
     except Exception as e:
-        reason = first_line(e)
-        raise ValueError(f"sweep {name}: its storage {url} cannot be used ({reason}): {fix}") from None
+        # only the database's own errors are the storage's: a bad space, flag or file says what it is itself
+        ours = isinstance(e, optuna.exceptions.StorageInternalError)
+        if not ours and not type(e).__module__.startswith(("sqlalchemy", "sqlite3", "alembic", "optuna.storages")):
+            raise
+        raise ValueError(f"sweep {name}: its storage {url} cannot be used ({first_line(e)}): {fix}") from None
 
 
 class Pruning(L.Callback):
@@ -226,6 +222,8 @@ def sweep(
             f"{asks[0]} among the trials' fit flags would print instead of training: run python -m charlm fit "
             f"{asks[0]} on its own, then give the sweep only training flags"
         )
+    if seed is not None and not 0 <= seed < 2**32:
+        raise ValueError(f"--seed {seed} is outside what Optuna's samplers take, [0, {2**32 - 1}]: pass one inside")
     distributions = read_space(Path(space))
     name = study or Path(space).stem
     if not re.fullmatch(r"[\w.-]+", name) or name in (".", ".."):
@@ -259,7 +257,7 @@ def sweep(
                 try:
                     trial = the_study.ask(distributions)
                 except ValueError as e:  # a flag's distribution changed since the study's first trials
-                    raise SweepError(
+                    raise ValueError(
                         f"--space {space} no longer matches sweep {name} ({e}): restore the space, or pass --study "
                         "with a new name"
                     ) from None
@@ -297,7 +295,7 @@ def sweep(
             )
         show(the_study, distributions, top)
         if not any(t.state == TrialState.COMPLETE for t in the_study.get_trials(deepcopy=False)):
-            raise SweepError(
+            raise ValueError(
                 f"no trial of sweep {name} completed: see why above and in {folder}/trial_N/fit.log, then change "
                 "the space or the flags"
             )
