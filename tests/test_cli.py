@@ -134,6 +134,18 @@ def test_resume_from_last_continues_the_global_step_and_the_curves(corpus, tmp_p
     ) in capsys.readouterr().err
 
 
+def test_a_resume_on_a_text_edited_since_with_the_same_vocabulary_says_so(corpus, tmp_path, capsys):
+    text = tmp_path / "mine.txt"
+    text.write_text(corpus.read_text())
+    main(["fit", *tiny(corpus, max_steps=2), "--data.path", str(text)])
+    main(["fit", *tiny(corpus, max_steps=3), "--data.path", str(text), "--ckpt_path", "last"])
+    assert "its text changed" not in capsys.readouterr().err  # the same text: nothing to say
+    tokens = len(corpus.read_text()) + 1000
+    text.write_text(corpus.read_text() + corpus.read_text()[:1000])  # more of the same characters
+    main(["fit", *tiny(corpus, max_steps=4), "--data.path", str(text), "--ckpt_path", "last"])
+    assert f"--data.path {text} (its text changed: {tokens:,} tokens, was {tokens - 1000:,})" in capsys.readouterr().err
+
+
 def test_a_resume_with_other_optimizer_settings_trains_with_them(corpus, tmp_path, capsys):
     """What the resume announces is what the next checkpoint's optimizer and schedule hold (Lightning restores both
     after they are built from the flags)."""

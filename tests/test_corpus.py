@@ -131,6 +131,8 @@ def test_byte_tokenizer_fits_generates_validates_and_draws(tmp_path, capsys):
     flags = [*tiny(tmp_path / "text.txt"), "--data.tokenizer", "bytes", "--data.block_size", "16"]
     assert run_main("fit", *flags) == 0
     ckpt = torch.load(tmp_path / "checkpoints/gpt-cpu-text/version_0/last.ckpt", weights_only=True)
+    stream = ckpt["CharDataModule"]["stream"]  # the text it was trained on: its length and a digest of its counts
+    assert stream.pop("tokens") == len((tmp_path / "text.txt").read_bytes()) and len(stream.pop("text")) == 16
     assert ckpt["CharDataModule"] == {
         "tokenizer": "bytes",
         "stream": {"block_size": 16, "batch_size": 64, "seed": 1337},

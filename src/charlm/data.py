@@ -10,6 +10,7 @@ they all read the same memory-mapped file.
 """
 
 import hashlib
+import json
 import math
 import urllib.error
 import urllib.request
@@ -214,9 +215,16 @@ class CharDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict:
         # the tokenizer travels in every checkpoint, so a checkpoint alone is enough to generate text; the batch
-        # stream's settings, so a run resumed with other ones can say so
+        # stream's settings and its text, so a run resumed with other ones can say so
         stream = {"block_size": self.block_size, "batch_size": self.batch_size, "seed": self.seed}
-        return self.tokenizer.state() | {"stream": stream}
+        text = {"tokens": self.corpus.meta["tokens"], "text": self.text_digest}
+        return self.tokenizer.state() | {"stream": stream | text}
+
+    @property
+    def text_digest(self) -> str:
+        """What tells one text from another of the same vocabulary: its length and how often each token occurs."""
+        meta = self.corpus.meta
+        return hashlib.sha256(json.dumps([meta["tokens"], meta["counts"]]).encode()).hexdigest()[:16]
 
     def load_state_dict(self, state: dict) -> None:
         try:

@@ -203,7 +203,8 @@ def take_settings(ckpt: dict, optimizer: torch.optim.Optimizer) -> None:
 
 
 def changed_settings(ckpt: dict, model, datamodule) -> list[str]:
-    """The settings of a resumed fit that its checkpoint was trained with otherwise, as `--flag now (was then)`."""
+    """The settings of a resumed fit that its checkpoint was trained with otherwise, as `--flag now (was then)`, and
+    the text, if it changed and kept its vocabulary (another vocabulary is refused)."""
     stream = ckpt[DATA].get("stream")
     stream = stream if isinstance(stream, dict) else {}
     pairs = {
@@ -213,11 +214,16 @@ def changed_settings(ckpt: dict, model, datamodule) -> list[str]:
     }
     for key in ("lr", "min_lr", "warmup_steps", "weight_decay", "beta2", "muon_lr", "muon_weight_decay"):
         pairs[f"--model.{key}"] = (ckpt["hyper_parameters"].get(key), model.hparams[key])
-    return [
+    changes = [
         f"{flag} {now} (was {then})"
         for flag, (then, now) in pairs.items()
         if isinstance(then, int | float) and then != now
     ]
+    if isinstance(stream.get("text"), str) and stream["text"] != datamodule.text_digest:  # the same vocabulary
+        was = f"{stream['tokens']:,}" if type(stream.get("tokens")) is int else "other"
+        text = datamodule.path or "tiny-shakespeare"
+        changes.append(f"--data.path {text} (its text changed: {datamodule.corpus.meta['tokens']:,} tokens, was {was})")
+    return changes
 
 
 FLAG_SET = {"params", "lr", "initial_lr", "weight_decay", "betas", "fused", "foreach"}  # or chosen by the device

@@ -19,8 +19,7 @@ class RunLogger(TensorBoardLogger):
         purge_step: int | None = None,
         **kwargs,
     ):
-        # purge_step (set by `place_run` on resume) is named here: found only through **kwargs, jsonargparse refused
-        # it in some processes (whether it resolves TensorBoardLogger's kwargs to SummaryWriter's varies)
+        # purge_step (set by `place_run` on resume) is named here: jsonargparse does not always follow **kwargs to it
         super().__init__(save_dir, name=name, version=version, default_hp_metric=False, purge_step=purge_step, **kwargs)
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
