@@ -140,5 +140,5 @@ def number(bound: float) -> str:
 
 
 def shorten(value) -> str:
-    text = json.dumps(value)
+    text = json.dumps(value, default=repr)  # a value from Python may be no JSON
     return text if len(text) <= 60 else text[:57] + "..."
