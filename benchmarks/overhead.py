@@ -50,7 +50,7 @@ def charlm_run(args, flags: list[str]) -> tuple[list[tuple[int, float]], float]:
                 "--model.net.init_args.n_head", str(args.n_head), "--model.net.init_args.n_embd", str(args.n_embd),
                 "--model.net.init_args.pos_emb", "learned", "--model.net.init_args.dropout", "0.0",
                 "--model.lr", str(LR), "--model.min_lr", str(MIN_LR), "--model.warmup_steps", str(WARMUP),
-                "--model.weight_decay", str(WEIGHT_DECAY), "--model.beta2", str(BETA2),
+                "--model.weight_decay", str(WEIGHT_DECAY), "--model.beta2", str(BETA2), "--model.optimizer", "adamw",
                 "--data.block_size", str(args.block_size), "--data.batch_size", str(args.batch_size), *flags,
             ]
         )  # fmt: skip

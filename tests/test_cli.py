@@ -191,6 +191,21 @@ def test_validate_without_a_checkpoint_is_refused(corpus, tmp_path):
     )
 
 
+def test_two_fresh_runs_started_at_once_in_one_folder_each_get_a_version_and_a_refused_one_leaves_none(
+    corpus, tmp_path
+):
+    command = [sys.executable, "-m", "charlm", "fit", *tiny(corpus)]
+    started = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in "ab"]
+    errors = [process.communicate(timeout=300)[1].decode() for process in started]
+    assert [process.returncode for process in started] == [0, 0], errors
+    for top in ("checkpoints", "logs"):
+        assert sorted(p.name for p in (tmp_path / top / "gpt-cpu-plays").iterdir()) == ["version_0", "version_1"]
+    assert all((tmp_path / f"checkpoints/gpt-cpu-plays/version_{n}/last.ckpt").is_file() for n in (0, 1))
+    result = charlm("fit", *tiny(corpus), "--generation.prompt", "ë", cwd=tmp_path)  # refused after its folder is made
+    assert result.returncode == 1 and "--generation.prompt has characters ['ë']" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "checkpoints/gpt-cpu-plays").iterdir()) == ["version_0", "version_1"]
+
+
 def test_resume_from_last_without_a_checkpoint_is_an_error_naming_the_folder(corpus, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *tiny(corpus), "--ckpt_path", "last"])

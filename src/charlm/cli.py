@@ -85,11 +85,13 @@ class CharLMCLI(LightningCLI):
     def __init__(self, args: list[str], callbacks: Sequence[L.Callback] = ()):
         self.extra_callbacks = list(callbacks)
         self.lock = None  # the run's checkpoint folder, held from before anything is written until the run ends
+        self.claimed = None  # the version folder a new run made for itself
         try:
             self.start(args)
         finally:
             if self.lock is not None:
                 self.lock.close()
+            runs.release(self.claimed)
 
     def start(self, args: list[str]) -> None:
         self.command = args[0] if args and args[0] in COMMANDS else "fit"
@@ -161,7 +163,7 @@ class CharLMCLI(LightningCLI):
         self.plan = resume.plan(self.subcommand, config, self.given)
         for key, value in self.plan.changes.items():
             config[key] = value
-        runs.place_run(config, self.plan.ckpt, self.plan.path)
+        self.claimed = runs.place_run(config, self.plan.ckpt, self.plan.path)
         if self.subcommand != "fit":  # a score, printed: not a TensorBoard run beside the trainings
             trainer["logger"] = False
 

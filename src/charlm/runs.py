@@ -3,8 +3,11 @@ for its checkpoints, with the same N (`place_run`); `<name>` from the config's f
 
 from pathlib import Path
 
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.tensorboard.summary import hparams
+
+from charlm.files import LOCK
 
 
 class RunLogger(TensorBoardLogger):
@@ -65,11 +68,13 @@ def run_name(config) -> str:
     return f"{name}-{Path(config['data']['path']).stem}" if config["data"]["path"] else name
 
 
-def place_run(config, ckpt: dict | None, ckpt_path: Path | None) -> None:
+def place_run(config, ckpt: dict | None, ckpt_path: Path | None) -> tuple[Path, Path] | None:
     """Point a fit at its folders, logs/<name>/version_N/ and checkpoints/<name>/version_N/ with the same N: the next
     free N for a new run, the checkpoint's own folders for a resumed one (purge_step hides what that run logged after
-    the checkpoint, so every step appears once). An explicit --checkpoint.dirpath or logger version is kept."""
+    the checkpoint, so every step appears once). An explicit --checkpoint.dirpath or logger version is kept. Returns
+    what a new run claimed (`claim`), for `release` should the run be refused."""
     init, name = tensorboard(config["trainer"]["logger"]), run_name(config)
+    claimed = None
     if ckpt is not None:
         version = ckpt.get("log_version")
         folder = ckpt_path.parent
@@ -80,6 +85,10 @@ def place_run(config, ckpt: dict | None, ckpt_path: Path | None) -> None:
         ]
         taken = [int(run.name[8:]) for run in runs if run.name[8:].isdigit()]
         version = max(taken, default=-1) + 1
+        auto = config["checkpoint"]["dirpath"] is None and (init is None or init.get("version") is None)
+        if auto and rank_zero_only.rank == 0:  # other ranks save nothing
+            claimed = claim(Path("checkpoints", name), version)
+            version = int(claimed[0].name[8:])
         folder = Path("checkpoints", name, f"version_{version}")
     if init is not None:
         init["name"] = name
@@ -95,3 +104,33 @@ def place_run(config, ckpt: dict | None, ckpt_path: Path | None) -> None:
                 init["purge_step"] = int(ckpt.get("global_step", 0))
     if config["checkpoint"]["dirpath"] is None:
         config["checkpoint"]["dirpath"] = str(folder)
+    return claimed
+
+
+def claim(parent: Path, version: int) -> tuple[Path, Path]:
+    """The folder of the first version from `version` on that this process makes (runs started at once never share
+    one), and the topmost folder it made for it."""
+    missing = [folder for folder in (parent, *parent.parents) if not folder.exists()]
+    parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            (parent / f"version_{version}").mkdir()  # atomic: of two processes, one makes it
+            break
+        except FileExistsError:
+            version += 1
+    return parent / f"version_{version}", missing[-1] if missing else parent / f"version_{version}"
+
+
+def release(claimed: tuple[Path, Path] | None) -> None:
+    """Remove what `claim` made if the run left it as it was made (the run was refused): its version folder, holding
+    at most charlm's lock, and the folders made for it that are empty now (another run's make them not)."""
+    if claimed is None:
+        return
+    folder, made = claimed
+    try:
+        if {p.name for p in folder.iterdir()} <= {LOCK}:
+            (folder / LOCK).unlink(missing_ok=True)
+            for empty in (folder, *folder.parents[: len(folder.parents) - len(made.parents)]):
+                empty.rmdir()
+    except OSError:  # gone, or not empty: another run's, or written meanwhile
+        pass
