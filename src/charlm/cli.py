@@ -8,19 +8,12 @@ The flags are the `__init__` signatures: `--model.*` (CharLM, with the net under
 
 import json
 import logging
-import os
-import random
-import re
 import signal
 import sys
-import threading
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ProgressBar
@@ -34,11 +27,11 @@ from charlm.data import CharDataModule
 from charlm.errors import Stopped
 from charlm.files import atomic_write, check_yaml, lock_folder
 from charlm.flags import Help, OneLineErrors
+from charlm.process import process_state_kept, quiet_lightning
 from charlm.saving import ResumableCheckpoint
 from charlm.training import CharLM, check_schedule
 
 RECIPE = Path(__file__).parent / "gpt-cpu.yaml"  # configs/gpt-cpu.yaml links here: one file, two names
-SIGNAL_LOGGER = "lightning.pytorch.trainer.connectors.signal_connector"
 # the flags whose value may be a config file (a group's own: --model my-model.yaml)
 CONFIG_FLAGS = {"--config", "-c", "--trainer", "--model", "--data", "--checkpoint", "--generation", "--attention"}
 FIT = (
@@ -266,58 +259,6 @@ def default_precision(accelerator) -> str:
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "32-true"
-
-
-def not_an_advert(record: logging.LogRecord) -> bool:
-    """A logging filter (a named function, so that each run adds it once) against "💡 Tip: ..." lines."""
-    return not record.getMessage().startswith("💡")
-
-
-def quiet_lightning() -> None:
-    """Leave out what Lightning says that does not apply to charlm or that nobody running it can act on."""
-    # training batch n comes from (seed, n) alone, and a fresh run into a folder that holds checkpoints is refused
-    warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
-    warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
-    # a small text's epoch is shorter than the logging interval: charlm logs every N steps across epochs anyway
-    warnings.filterwarnings("ignore", "The number of training batches .* is smaller than the logging interval")
-    # Lightning 2.6.6 still builds torch's deprecated LeafSpec (Lightning-AI/pytorch-lightning#21326)
-    warnings.filterwarnings("ignore", re.escape("`isinstance(treespec, LeafSpec)` is deprecated"), FutureWarning)
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(not_an_advert)
-    # its "Received SIGTERM: 15": charlm says what a signal did
-    logging.getLogger(SIGNAL_LOGGER).setLevel(logging.WARNING)
-    if torch.cuda.is_available():  # TF32 tensor cores for float32 matmuls, as nanoGPT; Lightning warns without it
-        torch.set_float32_matmul_precision("high")
-
-
-# the loggers a run sets the level or the filters of
-LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero", SIGNAL_LOGGER)
-
-
-@contextmanager
-def process_state_kept() -> Iterator[None]:
-    """Put back what a run changes for the whole process: warning filters, the loggers charlm quiets, the signal
-    handlers, the random generators and seed variables that Lightning sets, float32 matmul precision."""
-    loggers = [(logger, logger.level, list(logger.filters)) for logger in map(logging.getLogger, LOGGERS)]
-    main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
-    seeds = {name: os.environ.get(name) for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
-    generators = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    precision = torch.get_float32_matmul_precision()
-    with warnings.catch_warnings():
-        try:
-            yield
-        finally:
-            for logger, level, filters in loggers:
-                logger.setLevel(level)
-                logger.filters[:] = filters
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
-            for name, value in seeds.items():
-                os.environ.pop(name, None) if value is None else os.environ.update({name: value})
-            random.setstate(generators[0])
-            np.random.set_state(generators[1])
-            torch.set_rng_state(generators[2])
-            torch.set_float32_matmul_precision(precision)
 
 
 def run(args: list[str], callbacks: Sequence[L.Callback] = ()) -> CharLMCLI:
