@@ -1,5 +1,5 @@
 """The playground's Starlette app: the page, and the API's routes with their request bodies, checked by the same
-code as every surface's settings (`charlm.settings`)."""
+code as every surface's settings (`charlm.settings`). Imported by `serve` once it knows Starlette is there."""
 
 import asyncio
 import json
@@ -10,11 +10,21 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import anyio
+import torch
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from charlm.errors import HTTPError
+from charlm.models import GPT
 from charlm.serve.catalogue import Runs
 from charlm.serve.stream import Stream, produce
 from charlm.settings import Sampling, bounded, describe, from_json, known_text
+from charlm.tokenizers import labels
 
 
 @dataclass(eq=False)
@@ -45,9 +55,6 @@ class Guard:
         self.app, self.hosts = app, hosts
 
     async def __call__(self, scope, receive, send):
-        from starlette.datastructures import Headers
-        from starlette.responses import JSONResponse
-
         if scope["type"] == "http":
             headers = Headers(scope=scope)
             host, origin = headers.get("host", ""), headers.get("origin")
@@ -104,17 +111,6 @@ def playground(
 ):
     """The Starlette app: the page and the API, for requests whose Host is one of `hosts` (`Guard`); `stopping()`
     says when the server is shutting down, and every stream then ends."""
-    import torch
-    from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
-    from starlette.middleware import Middleware
-    from starlette.responses import FileResponse, JSONResponse, StreamingResponse
-    from starlette.routing import Mount, Route
-    from starlette.staticfiles import StaticFiles
-
-    from charlm.models import GPT
-    from charlm.tokenizers import labels
-
     longest = max_prompt + max_new_tokens  # the longest text the page holds
     body_limit = 16 * longest + 4096  # room for that text as escaped characters or as ids
     limits = {"prompt": max_prompt, "max_new_tokens": max_new_tokens}
