@@ -6,11 +6,16 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = Path(__file__).resolve().parents[1]
 # CI keeps the corpus beside the checkout; a newcomer has the copy that `python -m charlm fit` downloaded
 CORPUS_CANDIDATES = [ROOT.parent / "shared/data/tinyshakespeare/input.txt", ROOT / "data/tinyshakespeare/input.txt"]
+# two test processes share two cores, with the runs they start: a thread each, where two each would spin-wait on
+# one another (a test of tiny forward passes took 40 s beside the others, 1 s alone). Tests of threads set their own.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
