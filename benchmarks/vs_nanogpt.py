@@ -15,6 +15,7 @@ Rows, each a fresh process, one after the other:
 """
 
 import argparse
+import inspect
 import re
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from charlm.data import CharDataModule
 
 TARGET = 1.88
 NANOGPT_CPU = [  # nanoGPT's README, "I only have a macbook" (and any other CPU)
@@ -96,8 +97,8 @@ def main() -> None:
     previous = ["--model.optimizer", "adamw", "--trainer.max_steps", "700", "--trainer.val_check_interval", "350"]
     rows["charlm fit " + " ".join(previous)] = charlm(args.text, *previous)
     budget = rows["nanoGPT, its README's CPU command"][2]
-    recipe = yaml.safe_load((HERE.parent / "configs/gpt-cpu.yaml").read_text())
-    step_seconds = recipe["data"]["block_size"] * recipe["data"]["batch_size"] / default[4]
+    data = inspect.signature(CharDataModule).parameters  # the recipe's batch shape is the data module's default
+    step_seconds = data["block_size"].default * data["batch_size"].default / default[4]
     overhead = default[2] - default[3] * step_seconds  # startup, validations, samples
     # 20% to spare: the machine drifts, and a step at context 128 costs more than the default's (10% overran by 2.4 s)
     steps = int(0.8 * (budget - overhead) / step_seconds)

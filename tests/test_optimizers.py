@@ -16,7 +16,7 @@ LAST = "checkpoints/gpt-cpu-plays/version_0/last.ckpt"
 
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
-    model = CharLM(GPT(vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=16), optimizer="muon")
+    model = CharLM(GPT(vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=16))  # Muon is the default
     optimizer = model.make_optimizer()
     muon = {id(p) for g in optimizer.parts["muon"].param_groups for p in g["params"]}
     named = dict(model.net.named_parameters())
@@ -25,7 +25,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     }
     adamw = {id(p) for g in optimizer.parts["adamw"].param_groups for p in g["params"]}
     assert not muon & adamw and len(muon | adamw) == len(named)  # every weight once (wte and the head are one)
-    assert optimizer.param_groups[0]["lr"] == 1e-2 and optimizer.param_groups[-1]["lr"] == 0.02
+    assert optimizer.param_groups[0]["lr"] == 1e-2 and optimizer.param_groups[-1]["lr"] == 0.05
     with pytest.raises(ValueError, match="a Bigram has no hidden weight matrices: add --model.optimizer adamw"):
         CharLM(Bigram(20), optimizer="muon")
 

@@ -59,7 +59,9 @@ def test_validation_loss_is_the_exact_mean_over_every_validation_token(corpus, t
 def test_fit_learns_a_tiny_text_with_warmup_then_cosine_decay(tiny_text, tmp_path):
     torch.manual_seed(0)
     dm = CharDataModule(path=str(tiny_text), block_size=16, batch_size=16)
-    model = CharLM(Bigram(vocab_size=dm.vocab_size), lr=0.1, min_lr=0.01, warmup_steps=5, weight_decay=0.0)
+    model = CharLM(
+        Bigram(vocab_size=dm.vocab_size), optimizer="adamw", lr=0.1, min_lr=0.01, warmup_steps=5, weight_decay=0.0
+    )
     logger = TensorBoardLogger(tmp_path, name="tiny")
     steps = dict(max_steps=60, val_check_interval=30, check_val_every_n_epoch=None)
     fit = trainer(tmp_path, **steps, logger=logger, callbacks=[TrainingSpeed()])
@@ -95,7 +97,7 @@ def test_generation_callback_prints_and_logs_the_same_sample_for_the_same_weight
 
 def test_a_prompt_outside_the_vocabulary_stops_training_before_it_starts(tiny_text, tmp_path):
     dm = CharDataModule(path=str(tiny_text), block_size=16, batch_size=16)
-    model = CharLM(Bigram(vocab_size=dm.vocab_size))
+    model = CharLM(Bigram(vocab_size=dm.vocab_size), optimizer="adamw")
     callback = GenerationCallback(prompt="ROMEO:")
     with pytest.raises(ValueError, match="'E', 'M', 'O', 'R'"):
         trainer(tmp_path, max_steps=1, callbacks=[callback]).fit(model, datamodule=dm)

@@ -37,7 +37,8 @@ CONFIG_FLAGS = {"--config", "-c", "--trainer", "--model", "--data", "--checkpoin
 FIT = (
     "Train a bigram or a GPT. The settings are read in this order, each over those before: the classes' defaults, "
     f"the recipe ({RECIPE}, which configs/gpt-cpu.yaml links to), each --config in the order given, then the flags. "
-    "A config that names no optimizer trains with the recipe's (muon); configs/bigram.yaml and gpt.yaml name adamw."
+    "The classes' defaults are the recipe's model, optimizer and batch shape; so a config that names no optimizer "
+    "trains with muon, the default (configs/bigram.yaml and gpt.yaml name adamw)."
 )
 
 

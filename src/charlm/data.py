@@ -135,7 +135,7 @@ class CharDataModule(L.LightningDataModule):
     Args:
         path: a UTF-8 text file, or a folder: every *.txt under it in path order, with a newline after each file that
             does not end with one. By default tiny-shakespeare, downloaded on first use into data/tinyshakespeare/.
-        block_size: context length in tokens, the T of every (B, T) batch.
+        block_size: context length in tokens, the T of every (B, T) batch (the GPT's block_size follows it).
         batch_size: windows per batch, for training and validation.
         train_fraction: the leading part of the text used for training; the rest is validation.
         tokenizer: "chars", the sorted distinct characters of the text, or "bytes", the 256 byte values (any file,

@@ -18,15 +18,17 @@ class CharLM(L.LightningModule):
         net: the model: GPT (the default; its flags --model.net.n_layer, n_head, n_embd, dropout, bias and pos_emb
             are explained by --model.net.help GPT), or Bigram (--model.net Bigram). The vocabulary size and block_size
             come from the data.
-        lr: peak learning rate, reached after the warmup.
-        min_lr: the learning rate at the end of the cosine decay.
+        lr: peak learning rate, reached after the warmup; a tiny model tolerates a high one.
+        min_lr: the learning rate at the end of the cosine decay (lr / 10, as in nanoGPT).
         warmup_steps: optimizer steps of linear warmup from 0 to lr.
         weight_decay: AdamW weight decay, applied to matrices only (not to biases or norms).
-        beta2: AdamW's second-moment decay; 0.95 suits short runs, 0.99 small batches over long ones (nanoGPT).
+        beta2: AdamW's second-moment decay; 0.95 suits short, fast-moving runs, 0.99 small batches over long ones.
         compile: run the net's training and validation passes through `torch.compile` (generation stays eager).
-        optimizer: adamw for every weight, or muon: torch's Muon (momentum orthogonalized by Newton-Schulz) for the
-            blocks' weight matrices and AdamW (lr, weight_decay, beta2 above) for the embeddings, norms and biases.
-        muon_lr: Muon's peak learning rate (the public speedruns start at 0.02); the schedule scales it with lr's.
+        optimizer: muon: torch's Muon (momentum orthogonalized by Newton-Schulz) for the blocks' weight matrices and
+            AdamW (lr, weight_decay, beta2 above) for the embeddings, norms and biases; or adamw for every weight
+            (a Bigram has no hidden matrices: it needs adamw).
+        muon_lr: Muon's peak learning rate; 2.5x the public speedruns' 0.02, as a short run takes big steps. The
+            schedule scales it with lr's.
         muon_weight_decay: Muon's weight decay (the public speedruns use none).
         init_from: fine-tune: a charlm checkpoint (a file, a folder, last or best, as for generate) whose weights the
             net starts from, in a new run at step 0 with a fresh optimizer and schedule. `fit` takes the net's class,
@@ -43,8 +45,8 @@ class CharLM(L.LightningModule):
         beta2: float = 0.95,
         compile: bool = False,
         init_from: str | None = None,
-        optimizer: Literal["adamw", "muon"] = "adamw",
-        muon_lr: float = 0.02,
+        optimizer: Literal["adamw", "muon"] = "muon",
+        muon_lr: float = 0.05,
         muon_weight_decay: float = 0.0,
     ):
         super().__init__()
