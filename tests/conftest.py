@@ -1,5 +1,6 @@
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -132,3 +133,26 @@ def wait_for_new_save(process, ckpts, timeout=120) -> None:
     while not last.exists() or last.stat().st_mtime_ns == before:
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before it saved"
         time.sleep(0.005)
+
+
+CHROMIUM_FLAGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium, for the pages (the playground, an exported page)."""
+    path = os.environ.get("CHARLM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        message = "no Chromium here: apt-get install chromium (or set CHARLM_CHROMIUM to one)"
+        if os.environ.get("CHARLM_NEED_BROWSER"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=path, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()

@@ -341,7 +341,7 @@ def test_help_lists_every_command_and_an_unknown_one_is_an_error(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     usage = capsys.readouterr().out
-    commands = ("fit", "validate", "test", "generate", "attention", "data", "serve", "sweep")
+    commands = ("fit", "validate", "test", "generate", "attention", "export", "data", "serve", "sweep")
     assert all(f"\n  {command} " in usage for command in commands)
     with pytest.raises(SystemExit) as exit_info:
         main([])  # no command: the same text, as an error
@@ -349,14 +349,15 @@ def test_help_lists_every_command_and_an_unknown_one_is_an_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train"])
     assert exit_info.value.code == (
-        "charlm: error: 'train' is not a command: use fit, validate, test, generate, attention, data, serve or sweep"
+        "charlm: error: 'train' is not a command: use fit, validate, test, generate, attention, export, data, serve or "
+        "sweep"
     )
 
 
 def test_help_and_a_commands_help_answer_without_importing_torch_or_lightning():
     code = """import sys
 from charlm.__main__ import main
-for argv in (["--help"], ["generate", "--help"], ["attention", "--help"], ["serve", "--help"], ["train"]):
+for argv in (["--help"], *([name, "--help"] for name in ("generate", "attention", "export", "serve")), ["train"]):
     try:
         main(argv)
     except SystemExit:
@@ -365,7 +366,7 @@ print([name for name in ("torch", "lightning") if name in sys.modules])
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.splitlines()[-1] == "[]", result.stderr
-    assert all(f"usage: charlm {name}" in result.stdout for name in ("generate", "attention", "serve"))
+    assert all(f"usage: charlm {name}" in result.stdout for name in ("generate", "attention", "export", "serve"))
 
 
 def test_plain_fit_trains_the_cpu_recipe(capsys):

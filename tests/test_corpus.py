@@ -1,5 +1,6 @@
 """Prepared corpora (charlm.corpus), the byte tokenizer, folders and bounded validation: real files and processes."""
 
+import hashlib
 import json
 import os
 import signal
@@ -133,9 +134,11 @@ def test_byte_tokenizer_fits_generates_validates_and_draws(tmp_path, capsys):
     ckpt = torch.load(tmp_path / "checkpoints/gpt-cpu-text/version_0/last.ckpt", weights_only=True)
     stream = ckpt["CharDataModule"]["stream"]  # the text it was trained on: its length and a digest of its counts
     assert stream.pop("tokens") == len((tmp_path / "text.txt").read_bytes()) and len(stream.pop("text")) == 16
+    text = (tmp_path / "text.txt").read_bytes()
     assert ckpt["CharDataModule"] == {
         "tokenizer": "bytes",
         "stream": {"block_size": 16, "batch_size": 64, "seed": 1337},
+        "source": {"name": "text.txt", "bytes": len(text), "sha256": hashlib.sha256(text).hexdigest()},
     }
     assert ckpt["state_dict"]["net.wte.weight"].shape[0] == 256
     capsys.readouterr()

@@ -460,27 +460,6 @@ def test_serve_without_its_extra_on_a_taken_port_or_a_foreign_host_says_so_in_on
 
 # --- the page, in a real headless Chromium ------------------------------------------------------------------------
 
-CHROMIUM_FLAGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run",
-]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def browser():
-    path = os.environ.get("CHARLM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if not path:
-        message = "no Chromium here: apt-get install chromium (or set CHARLM_CHROMIUM to one)"
-        if os.environ.get("CHARLM_NEED_BROWSER"):
-            pytest.fail(message)
-        pytest.skip(message)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=path, args=CHROMIUM_FLAGS)
-        yield browser
-        browser.close()
-
 
 @pytest.fixture
 def page(browser, url):

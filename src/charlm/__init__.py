@@ -1,4 +1,5 @@
-"""charlm: train, watch and sample character-level language models. `charlm.fit(flags)` trains from Python."""
+"""charlm: train, watch and sample character-level language models. `charlm.fit(flags)` trains from Python,
+`charlm.load(folder)` loads an exported model."""
 
 
 def __getattr__(name: str):
@@ -7,4 +8,8 @@ def __getattr__(name: str):
         from charlm.cli import fit
 
         return fit
+    if name == "load":  # (net, tokenizer) from a folder `charlm export` wrote, or a checkpoint
+        from charlm.checkpoints import load_net
+
+        return load_net
     raise AttributeError(f"module 'charlm' has no attribute {name!r}")

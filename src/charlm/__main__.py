@@ -15,6 +15,7 @@ COMMANDS = {
     "test": ("charlm.cli", None, "the same, reported as test/loss"),
     "generate": ("charlm.commands", "generate", "stream text from a trained checkpoint to stdout"),
     "attention": ("charlm.commands", "attention", "save a picture of a GPT checkpoint's attention over a text"),
+    "export": ("charlm.commands", "export", "write a checkpoint's net as safetensors, config.json and a model card"),
     "data": ("charlm.data", "summary", "a first look at a corpus: its size, alphabet, most frequent characters, split"),
     "serve": ("charlm.serve", "serve", "a playground in the browser: watch text stream in, see what the model weighed"),
     "sweep": ("charlm.sweep", "sweep", "search hyperparameters on Optuna: trials of fit, stopped early when worse"),

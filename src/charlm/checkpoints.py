@@ -7,7 +7,11 @@ A checkpoint is Lightning's dict (weights under `state_dict`, optimizer, loops, 
   training batches' block_size, batch_size and seed, so a run resumed with others can say so;
 - `rng_states`: the torch and CUDA generators, so dropout after a resume draws what the run would have drawn;
 - `log_version`: the TensorBoard version folder the run logged into, where a resumed run logs on;
-- `hyper_parameters["init_from"]`: for a fine-tuned run, the checkpoint file its weights started from.
+- `hyper_parameters["init_from"]`: for a fine-tuned run, the checkpoint file its weights started from;
+- `CharDataModule["source"]`: the text trained on (file name, bytes, sha256), and `commands`: the command lines of
+  the run, the first and each resume, for the model card an export writes.
+
+A folder that `charlm export` wrote (`exported`) reads as a checkpoint of that layout and is checked as one.
 
 Whatever starts from a checkpoint (resume, validate, test, fine-tune, generate) builds the net it describes
 (`checked_net`); what a run that starts from one takes from it, and holds against it, is `resume`'s.
@@ -20,10 +24,13 @@ else the newest `last.ckpt` one or two folders down; `last` is the checkpoint fo
 lowest val/loss that the `last.ckpt` so found names, in that file's folder.
 """
 
+import inspect
+import re
 from pathlib import Path
 
 import torch
 
+from charlm import exported
 from charlm.errors import first_line
 from charlm.files import file_kind
 from charlm.models import GPT, Bigram, Net
@@ -40,7 +47,7 @@ def resolve(ckpt_path: str, folder: Path, flag: str = "--ckpt_path") -> Path:
     if ckpt_path not in ("last", "best"):
         folder = Path(ckpt_path)
         kind = file_kind(folder)
-        if kind == "a regular file":
+        if kind == "a regular file" or exported.is_export(folder):
             return folder
         if kind == "missing":
             raise FileNotFoundError(f"{flag} {ckpt_path} does not exist: pass a .ckpt file, a folder, last or best")
@@ -81,7 +88,10 @@ def read(path: Path, device: torch.device | str = "cpu") -> dict:
     """A charlm checkpoint, with one-line errors; weights_only, so a pickle that would run code is refused.
 
     Everything charlm reads from it without a model at hand is checked here (`check_layout`), before anything uses it.
+    An exported folder is read without unpickling anything (`from_export`).
     """
+    if exported.is_export(path):
+        return from_export(path, device)
     kind = file_kind(path)
     if kind not in ("a regular file", "missing"):  # checked before opening: opening a FIFO waits for a writer
         raise ValueError(f"{path} is {kind}, not a checkpoint: pass a .ckpt file charlm saved")
@@ -94,8 +104,37 @@ def read(path: Path, device: torch.device | str = "cpu") -> dict:
     try:
         check_layout(ckpt)
     except ValueError as e:
-        raise ValueError(f"{path} is not a charlm checkpoint ({e}): pass a .ckpt file charlm saved") from None
+        raise not_ours(path, e) from None
     return ckpt
+
+
+def from_export(folder: Path, device: torch.device | str) -> dict:
+    """An exported folder as a checkpoint of charlm's layout, checked as one (`check_layout`)."""
+    try:
+        config, weights = exported.read(folder)
+        name = expect(config.get("net"), str, "net")
+        trained = expect(config.get("trained", {}), dict, "trained")
+        val_loss = expect(trained.get("val_loss"), float | None, "val_loss")
+        ckpt = {
+            "state_dict": {f"net.{key}": tensor.to(device) for key, tensor in weights.items()},
+            "hyper_parameters": {"net": {"class_path": f"charlm.models.{name}", "init_args": config.get("init_args")}},
+            DATA: expect(config.get("tokenizer"), dict, "tokenizer") | {"source": trained.get("text")},
+            "global_step": trained.get("steps", 0),
+            "commands": trained.get("commands", []),
+            # where a checkpoint's ModelCheckpoint keeps the val loss at its save
+            "callbacks": {} if val_loss is None else {"export": {"current_score": torch.tensor(val_loss)}},
+        }
+        check_layout(ckpt)
+    except ValueError as e:
+        raise not_ours(folder, e) from None
+    return ckpt
+
+
+def not_ours(path: Path, reason: Exception) -> ValueError:
+    """The one-line refusal of a checkpoint file or an exported folder that holds what charlm never wrote."""
+    if exported.is_export(path):
+        return ValueError(f"{path} is not a charlm export ({reason}): pass a folder charlm export wrote")
+    return ValueError(f"{path} is not a charlm checkpoint ({reason}): pass a .ckpt file charlm saved")
 
 
 def expect(value, kind, what: str):
@@ -122,6 +161,16 @@ def check_layout(ckpt) -> None:
     for name, value in expect(net.get("init_args"), dict, "net's init_args").items():
         expect(value, int | float | str | None, f"init_args {str(name)[:40]!r}")
     tokenizer_from_state(ckpt.get(DATA))
+    source = ckpt[DATA].get("source")
+    if source is not None:
+        expect(source, dict, "text")
+        if len(expect(source.get("name"), str, "text's name")) > 255:
+            raise ValueError(f"its text's name {source['name'][:40]!r}... is longer than a file name")
+        expect(source.get("bytes"), int, "text's size")
+        if not re.fullmatch("[0-9a-f]{64}", expect(source.get("sha256"), str, "text's sha256")):
+            raise ValueError(f"its text's sha256 {source['sha256'][:70]!r} is no sha256")
+    for command in expect(ckpt.get("commands", []), list, "commands"):
+        expect(command, str, "command")
     if expect(ckpt.get("global_step", 0), int, "global_step") < 0:
         raise ValueError(f"its global_step {ckpt['global_step']} is negative")
     if ckpt.get("log_version") is not None and expect(ckpt["log_version"], int, "log_version") < 0:
@@ -168,12 +217,17 @@ def checked_net(ckpt: dict, path: Path) -> tuple[type[Net], dict, Tokenizer]:
     net_config = ckpt["hyper_parameters"]["net"]
     cls = NETS[net_config["class_path"]]
     init_args = net_config["init_args"]
+    defaults = inspect.signature(cls).parameters
+    for name, value in init_args.items():  # of the kind of its default: a number where a number belongs
+        kind = type(defaults[name].default) if name in defaults else None
+        if kind in (int, bool, float) and not (type(value) is kind or kind is float and type(value) is int):
+            raise not_ours(path, f"its init_args {name!r} is {type(value).__name__} {str(value)[:40]!r}")
     if cls is GPT:
         init_args = {"pos_emb": "learned"} | init_args  # a GPT saved without pos_emb learned its positions
     weights = net_weights(ckpt)
     numel = sum(t.numel() for t in weights.values())
     sizes = {k: v for k, v in init_args.items() if isinstance(v, int) and v > numel}
-    if init_args.get("n_layer", 0) > len(weights):
+    if isinstance(init_args.get("n_layer"), int) and init_args["n_layer"] > len(weights):
         sizes["n_layer"] = init_args["n_layer"]
     try:
         if sizes:
@@ -189,7 +243,7 @@ def checked_net(ckpt: dict, path: Path) -> tuple[type[Net], dict, Tokenizer]:
         if tokenizer.vocab_size != shell.config["vocab_size"]:
             raise ValueError(f"its tokenizer has {tokenizer.vocab_size} ids, its net {shell.config['vocab_size']}")
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path} is not a charlm checkpoint ({e}): pass a .ckpt file charlm saved") from None
+        raise not_ours(path, e) from None
     return cls, shell.config, tokenizer
 
 
@@ -207,9 +261,10 @@ def check_finite(ckpt: dict, path: Path) -> None:
         )
 
 
-def load_net(path: Path, device: torch.device | str = "cpu") -> tuple[Net, Tokenizer]:
-    """The net (in eval mode) and the tokenizer stored in a charlm checkpoint (`checked_net`); nothing else is
-    needed."""
+def load_net(path: Path | str, device: torch.device | str = "cpu") -> tuple[Net, Tokenizer]:
+    """The net (in eval mode) and the tokenizer stored in a charlm checkpoint or an exported folder (`checked_net`);
+    nothing else is needed. `charlm.load` is this."""
+    path = Path(path)
     ckpt = read(path, device)
     cls, init_args, tokenizer = checked_net(ckpt, path)
     check_finite(ckpt, path)
@@ -225,7 +280,13 @@ def facts(path: Path) -> dict:
         cls, config, tokenizer = checked_net(ckpt, path)
     except (OSError, ValueError) as e:
         return {"error": str(e)}
-    weights = {t.data_ptr(): t.numel() for t in net_weights(ckpt).values()}  # tied: counted once
+    return described(ckpt, cls, config, tokenizer)
+
+
+def described(ckpt: dict, cls: type[Net], config: dict, tokenizer: Tokenizer) -> dict:
+    """`facts` of a checkpoint already read and checked."""
+    with torch.device("meta"):  # its parameters, a tied one counted once, without memory
+        parameters = sum(p.numel() for p in cls(**config).parameters())
     return {
         "net": cls.__name__,
         "attention": cls is GPT,
@@ -234,7 +295,7 @@ def facts(path: Path) -> dict:
         "tokenizer": tokenizer.name,
         "vocab_size": tokenizer.vocab_size,
         "block_size": config.get("block_size"),  # a bigram reads one character
-        "parameters": sum(weights.values()),
+        "parameters": parameters,
     }
 
 

@@ -8,6 +8,7 @@ The flags are the `__init__` signatures: `--model.*` (CharLM, with the net under
 
 import json
 import logging
+import shlex
 import signal
 import sys
 from collections.abc import Sequence
@@ -88,6 +89,7 @@ class CharLMCLI(LightningCLI):
             runs.release(self.claimed)
 
     def start(self, args: list[str]) -> None:
+        self.args = args
         self.command = args[0] if args and args[0] in COMMANDS else "fit"
         for i, flag in enumerate(args):  # jsonargparse would open a FIFO, and expand an alias bomb
             name, equals, value = flag.partition("=")
@@ -166,6 +168,10 @@ class CharLMCLI(LightningCLI):
         its net is taken, and a config or flag that contradicts it is refused (`resume.architecture`), and
         the training settings are the config's. Private, until a release has Lightning-AI/pytorch-lightning#21408
         (an `adapt_checkpoint_hparams` hook for #20801)."""
+
+    def before_fit(self) -> None:
+        # what an export's model card says trained the model (the flags as given, --config files by name)
+        self.trainer.checkpoint_callback.commands = [shlex.join(["python", "-m", "charlm", *self.args])]
 
     def after_fit(self) -> None:
         """Where the run's checkpoints and curves are, and how to sample from it."""

@@ -1,4 +1,5 @@
-"""generate and attention: typed functions whose arguments are their flags and whose docstrings are their --help.
+"""generate, attention and export: typed functions whose arguments are their flags and whose docstrings are their
+--help.
 
 torch and the checkpoint code are imported inside them, so that `--help` answers at once.
 """
@@ -139,3 +140,37 @@ def drawn_by_charlm(path: Path) -> bool:
             return image.format == "PNG" and image.text.get("Software") == "charlm"
     except OSError:  # not an image at all
         return False
+
+
+def export(to: str, ckpt_path: str = "last", web: bool = False, overwrite: bool = False) -> None:
+    """Write a checkpoint's net as a folder that loads without charlm's checkpoints: model.safetensors (the weights),
+    config.json (the net and its vocabulary) and README.md (a model card); no pickle anywhere.
+
+    Args:
+        to: the folder to write, whole or not at all. charlm.load(folder) loads it, and --ckpt_path and
+            --model.init_from take it wherever they take a checkpoint.
+        ckpt_path: a .ckpt file, a folder, last or best, as for generate.
+        web: also write the playground page (index.html, static/), which runs the model in the browser with no
+            server: serve the folder from any static host (python -m http.server, GitHub Pages).
+        overwrite: replace the export already in the folder (a folder of other files is never replaced).
+    """
+    from charlm import checkpoints, exported
+    from charlm.settings import describe
+
+    path = checkpoints.resolve(ckpt_path, Path("checkpoints"))
+    ckpt = checkpoints.read(path)
+    cls, init_args, tokenizer = checkpoints.checked_net(ckpt, path)
+    checkpoints.check_finite(ckpt, path)
+    facts = checkpoints.described(ckpt, cls, init_args, tokenizer)
+    trained = {"steps": facts["step"] or 0, "val_loss": facts["val_loss"], "parameters": facts["parameters"]}
+    trained |= {"text": ckpt[checkpoints.DATA].get("source"), "commands": ckpt.get("commands", [])}
+    config = {"charlm_export": exported.FORMAT, "net": cls.__name__, "init_args": init_args}
+    config |= {"tokenizer": tokenizer.state(), "trained": trained}
+    to = Path(to)
+    card = exported.card(config, to.name)
+    page = describe(Sampling) if web else None
+    exported.write(to, exported.files(config, checkpoints.net_weights(ckpt), card, page), overwrite)
+    size = sum(f.stat().st_size for f in to.rglob("*") if f.is_file())
+    print(f"charlm: exported {path} to {to}/ ({size:,} bytes): python -m charlm generate --ckpt_path {to}")
+    if web:
+        print(f"charlm: the page: python -m http.server --directory {to}, then open http://127.0.0.1:8000")

@@ -18,6 +18,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import torch
 from charlm.files import atomic_write, file_kind, lock_folder
 from charlm.tokenizers import ByteTokenizer, CharTokenizer, Tokenizer, tokenizer_from_state
 
-FORMAT = 2  # 2: meta.json holds a digest of its fields
+FORMAT = 3  # 2: meta.json holds a digest of its fields; 3: and the text's sha256
 MAX_META_BYTES = 1 << 26  # far beyond the vocabulary, counts and fingerprints of any corpus
 CHUNK = 1 << 23  # bytes read at a time (8 MiB): preparation's memory stays bounded whatever the corpus size
 CODE_POINTS = 0x110000
@@ -144,6 +145,8 @@ def read_meta(folder: Path, tokenizer: str, sources: list[dict]) -> dict | None:
         return None
     if not all(type(meta.get(key)) is int and meta[key] >= 0 for key in ("characters", "bytes")):
         return None
+    if not isinstance(meta.get("sha256"), str) or not re.fullmatch("[0-9a-f]{64}", meta["sha256"]):
+        return None
     try:
         vocab_size = tokenizer_from_state(meta).vocab_size
     except ValueError:
@@ -222,6 +225,7 @@ def write(path: Path, files: list[Path], tokenizer: str, folder: Path, sources: 
             "bytes": sum(s["size"] for s in sources) + sum(newline_after(files)),
             "counts": [int(c) for c in counts],
             "sources": sources,
+            "sha256": text_sha256(files),
         }
         meta["digest"] = meta_digest(meta)
         with atomic_write(folder / "meta.json", "w") as f:
@@ -261,6 +265,14 @@ def chunks(files: list[Path]):
             yield file, offset, bytearray()
         if newline:
             yield None, 0, bytearray(b"\n")
+
+
+def text_sha256(files: list[Path]) -> str:
+    """The sha256 of the text as trained: the files in order, with the newlines put between them."""
+    digest = hashlib.sha256()
+    for _, _, chunk in chunks(files):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def code_points(files: list[Path]):

@@ -218,7 +218,10 @@ class CharDataModule(L.LightningDataModule):
         # stream's settings and its text, so a run resumed with other ones can say so
         stream = {"block_size": self.block_size, "batch_size": self.batch_size, "seed": self.seed}
         text = {"tokens": self.corpus.meta["tokens"], "text": self.text_digest}
-        return self.tokenizer.state() | {"stream": stream | text}
+        meta = self.corpus.meta  # what an export's model card says the model was trained on
+        name = Path(self.path).resolve().name if self.path else Path(SHAKESPEARE_CACHE).name
+        source = {"name": name, "bytes": meta["bytes"], "sha256": meta["sha256"]}
+        return self.tokenizer.state() | {"stream": stream | text, "source": source}
 
     @property
     def text_digest(self) -> str:

@@ -81,6 +81,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         self.saving_at_batch_start = False
         self.previous_handlers: dict[int, object] = {}
         self.saved_rng_states: dict | None = None
+        self.commands: list[str] = []  # this run's command line (set by charlm.cli), after those of the runs it resumes
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # the generators are restored here, after the sanity check and all else that runs between loading and training
@@ -149,6 +150,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "cuda": cuda}
         checkpoint["log_version"] = trainer.logger.version if trainer.logger else None
+        checkpoint["commands"] = self.commands
         # Lightning counts the next batch "ready" before on_train_batch_start; resumed from a checkpoint that says so,
         # a run is one batch off (measured: other weights, a skipped log step). Nothing of that batch has run yet.
         if self.saving_at_batch_start:
@@ -158,6 +160,7 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         self.saved_rng_states = checkpoint.get("rng_states")
+        self.commands = [*checkpoint.get("commands", []), *self.commands]
         self.last_saved_step = checkpoint["global_step"]
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -1,4 +1,5 @@
-// The playground page: talks to charlm serve's API (/api/runs, /api/generate, /api/attention); no libraries.
+// The playground page: talks to charlm serve's API (/api/runs, /api/generate, /api/attention), or, in a page that
+// `charlm export --web` wrote, to the model in this tab (model.js) that answers the same; no libraries.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -12,6 +13,54 @@ const state = {
   layer: 0, head: "mean",
 };
 
+// charlm serve's answers, over HTTP
+const server = {
+  async runs() {
+    return fetch("/api/runs").then((r) => r.json());
+  },
+
+  // the stream of server-sent events, each handed to onEvent(kind, data) as it comes
+  async generate(body, onEvent, signal) {
+    let response;
+    try {
+      response = await fetch("/api/generate", {
+        method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body), signal,
+      });
+    } catch (error) {
+      if (error.name === "AbortError") throw error;
+      throw new Error(`the server did not answer (${error.message}): is charlm serve still running?`);
+    }
+    if (!response.ok) {
+      const answer = await response.json().catch(() => ({error: response.statusText}));
+      onEvent("error", answer);
+      return;
+    }
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, {stream: true});
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        const kind = block.match(/^event: (.*)$/m)[1];
+        onEvent(kind, JSON.parse(block.match(/^data: (.*)$/m)[1]));
+      }
+    }
+  },
+
+  async attention(body) {
+    const response = await fetch("/api/attention", {
+      method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
+    });
+    return {ok: response.ok, answer: await response.json()};
+  },
+};
+const api = window.charlmInTab ?? Promise.resolve(server);
+
 function runOf(name) { return state.runs.find((r) => r.name === name); }
 
 function describe(run) {
@@ -24,7 +73,7 @@ function describe(run) {
 }
 
 async function loadRuns() {
-  const answer = await fetch("/api/runs").then((r) => r.json());
+  const answer = await (await api).runs();
   state.runs = answer.runs;
   $("device").textContent = `on ${answer.device}`;
   offer(answer.settings);
@@ -45,7 +94,7 @@ async function loadRuns() {
 const offered = [];
 
 function offer(settings) {
-  $("prompt").maxLength = settings.prompt.max;
+  if (settings.prompt.max !== null) $("prompt").maxLength = settings.prompt.max;
   for (const [name, {default: value, min, max, above}] of Object.entries(settings)) {
     if (name === "prompt" || name === "unknown" || offered.includes(name)) continue;  // kept: what the user typed
     const input = $(name) ?? field(name);
@@ -159,38 +208,14 @@ async function generate() {
   state.controller = controller;
   setState("streaming");
   try {
-    const response = await fetch("/api/generate", {
-      method: "POST", headers: {"Content-Type": "application/json"},
-      body: JSON.stringify(settings()), signal: controller.signal,
-    });
-    if (!response.ok) {
-      const answer = await response.json().catch(() => ({error: response.statusText}));
-      $("status").textContent = answer.error;
-      setState("error");
-      return;
-    }
-    const reader = response.body.getReader();
-    const decoder = new TextDecoder();
-    let buffer = "";
-    for (;;) {
-      const {value, done} = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, {stream: true});
-      let cut;
-      while ((cut = buffer.indexOf("\n\n")) >= 0) {
-        const block = buffer.slice(0, cut);
-        buffer = buffer.slice(cut + 2);
-        const kind = block.match(/^event: (.*)$/m)[1];
-        onEvent(kind, JSON.parse(block.match(/^data: (.*)$/m)[1]));
-      }
-    }
-    if ($("output").dataset.state === "streaming") {
+    await (await api).generate(settings(), onEvent, controller.signal);
+    if ($("output").dataset.state === "streaming" && state.controller === controller) {
       flush();
       setState("done");
     }
   } catch (error) {
     if (error.name !== "AbortError") {
-      $("status").textContent = `the server did not answer (${error.message}): is charlm serve still running?`;
+      $("status").textContent = error.message;
       setState("error");
     }
   } finally {
@@ -247,12 +272,9 @@ async function pick(i) {
   showCandidates(token);
   if (!runOf(state.run).attention) return;
   const ids = state.tokens.slice(0, i + 1).map((t) => t.id);
-  const response = await fetch("/api/attention", {
-    method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify({run: state.run, ids}),
-  });
-  const answer = await response.json();
+  const {ok, answer} = await (await api).attention({run: state.run, ids});
   if (state.picked !== i) return;  // another character was clicked meanwhile
-  if (!response.ok) {
+  if (!ok) {
     $("status").textContent = answer.error;
     return;
   }
