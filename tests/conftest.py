@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,21 @@ def browser():
         browser = playwright.chromium.launch(executable_path=path, args=CHROMIUM_FLAGS)
         yield browser
         browser.close()
+
+
+@contextmanager
+def open_page(browser, url: str):
+    """The playground page at url, once it has listed its runs; no script error may happen while it is open."""
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda error: errors.append(error))
+    page.goto(url)
+    page.wait_for_selector("#run option", state="attached")
+    yield page
+    page.close()
+    assert not errors, errors
+
+
+def shown_text(page) -> str:
+    """The text a playground page shows: the prompt and what it generated."""
+    return page.evaluate("Array.from(document.querySelectorAll('#output .tok'), s => s.textContent).join('')")

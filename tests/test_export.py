@@ -11,7 +11,7 @@ import threading
 
 import pytest
 import torch
-from conftest import charlm, tiny
+from conftest import charlm, open_page, shown_text, tiny
 
 from charlm import checkpoints, sampling
 from charlm.__main__ import main
@@ -202,14 +202,8 @@ class QuietFiles(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture
 def tab(browser, site):
-    page = browser.new_page()
-    errors = []
-    page.on("pageerror", lambda error: errors.append(error))
-    page.goto(site)
-    page.wait_for_selector("#run option", state="attached")
-    yield page
-    page.close()
-    assert not errors, errors
+    with open_page(browser, site) as page:
+        yield page
 
 
 def test_the_exported_page_runs_the_model_in_the_tab_as_charlm_generate_does(tab, run, capsys):
@@ -222,8 +216,7 @@ def test_the_exported_page_runs_the_model_in_the_tab_as_charlm_generate_does(tab
     tab.wait_for_selector("#output[data-state=done]")
     ckpt = run / "checkpoints/gpt-cpu-plays/version_0/last.ckpt"
     main(["generate", "--ckpt_path", str(ckpt), "--prompt", "KING", "--temperature", "0", "--max_new_tokens", "120"])
-    shown = tab.evaluate("Array.from(document.querySelectorAll('#output .tok'), s => s.textContent).join('')")
-    assert shown == capsys.readouterr().out.removesuffix("\n")
+    assert shown_text(tab) == capsys.readouterr().out.removesuffix("\n")
 
     net, tokenizer = checkpoints.load_net(ckpt)
     names = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
@@ -253,7 +246,7 @@ def test_the_exported_page_samples_with_its_seed_and_says_what_it_cannot_take(ta
         tab.fill("#seed", seed)
         tab.click("#generate")
         tab.wait_for_selector("#output[data-state=done]")
-        return tab.evaluate("Array.from(document.querySelectorAll('#output .tok'), s => s.textContent).join('')")
+        return shown_text(tab)
 
     tab.fill("#max_new_tokens", "200")
     assert sample("3") == sample("3") != sample("4")

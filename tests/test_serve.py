@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from conftest import ROOT, tiny
+from conftest import ROOT, open_page, shown_text, tiny
 
 import charlm
 from charlm.__main__ import main
@@ -463,18 +463,8 @@ def test_serve_without_its_extra_on_a_taken_port_or_a_foreign_host_says_so_in_on
 
 @pytest.fixture
 def page(browser, url):
-    page = browser.new_page()
-    errors = []
-    page.on("pageerror", lambda error: errors.append(error))
-    page.goto(url)
-    page.wait_for_selector("#run option", state="attached")
-    yield page
-    page.close()
-    assert not errors, errors
-
-
-def shown_text(page) -> str:
-    return page.evaluate("Array.from(document.querySelectorAll('#output .tok'), s => s.textContent).join('')")
+    with open_page(browser, url) as page:
+        yield page
 
 
 def test_the_page_streams_what_charlm_generate_prints_and_shows_a_characters_candidates_and_attention(

@@ -3,6 +3,8 @@
 import os
 import re
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -166,6 +168,30 @@ def test_a_killed_sweep_continues_where_it_stopped(text, tmp_path, monkeypatch):
     assert trials[0].value == first.value  # the finished trial is kept
     counted = [t for t in trials if t.state != TrialState.FAIL or "error" in t.user_attrs]
     assert len(counted) == 3 and all(t.state != TrialState.RUNNING for t in trials)
+
+
+def test_in_a_shared_storage_a_sweep_fails_the_trials_of_workers_that_are_gone(text, tmp_path, monkeypatch):
+    """With --storage: a trial whose worker on this machine is gone, and one with no owner for over a minute (its
+    worker was killed between asking for it and naming itself), are failed; one asked for a moment ago, which a
+    worker elsewhere may be about to name, is left running."""
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path}/shared.db"
+    command = sweep_command(tmp_path, text, n_trials=1)
+    command[command.index("--") : command.index("--")] = ["--storage", url]
+    main(command)
+    study = optuna.load_study(study_name="space", storage=url)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    study.ask().set_user_attr("owner", f"{socket.gethostname()}:{gone.pid}")
+    unnamed = study.ask()
+    study.ask()  # a moment ago, by a worker that has not named itself yet
+    with sqlite3.connect(tmp_path / "shared.db") as db:  # asked for five minutes ago, never named
+        db.execute("UPDATE trials SET datetime_start = datetime('now', 'localtime', '-5 minutes') WHERE number = ?",
+                   (unnamed.number,))  # fmt: skip
+    command[command.index("--n_trials") + 1] = "3"
+    main(command)
+    states = [t.state for t in optuna.load_study(study_name="space", storage=url).get_trials()]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL, TrialState.RUNNING, TrialState.COMPLETE]
 
 
 def test_a_bad_space_is_one_line(tmp_path, monkeypatch):

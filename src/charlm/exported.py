@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -116,7 +117,8 @@ def write(to: Path, contents: dict[str, bytes], overwrite: bool) -> None:
 
 
 def code(text: str) -> str:
-    """Markdown code that shows any text as it is: fenced by more backticks than the text has in a row."""
+    """Markdown code that shows any text on one line: fenced by more backticks than the text has in a row."""
+    text = text.replace("\r", "\\r").replace("\n", "\\n")
     fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
     return f"{fence} {text} {fence}"
 
@@ -157,12 +159,12 @@ def card(config: dict, folder_name: str) -> str:
         "```python",
         "import charlm",
         "",
-        f'net, tokenizer = charlm.load("{folder_name}")  # safetensors and JSON: no pickle',
+        f"net, tokenizer = charlm.load({json.dumps(folder_name)})  # safetensors and JSON: no pickle",
         "```",
         "",
         "```bash",
-        f"python -m charlm generate --ckpt_path {folder_name} --prompt 'A' --max_new_tokens 200",
-        f"python -m charlm serve --ckpt_path {folder_name}   # the playground",
+        f"python -m charlm generate --ckpt_path {shlex.quote(folder_name)} --prompt 'A' --max_new_tokens 200",
+        f"python -m charlm serve --ckpt_path {shlex.quote(folder_name)}   # the playground",
         "```",
         "",
         f"`{WEIGHTS}` holds the weights by their names in the net's `state_dict`; `{CONFIG}` the net's class and "

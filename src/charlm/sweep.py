@@ -13,6 +13,7 @@ storage (by default SQLite, `sweeps/<study>/study.db`): the same command again c
 (or machines, with a shared database) given the same storage work on it together until it holds `n_trials` trials.
 """
 
+import datetime
 import math
 import os
 import re
@@ -121,18 +122,23 @@ def trial_id(storage, study: str, number: int) -> int:
     return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study), number)
 
 
+NAMING = datetime.timedelta(minutes=1)  # far longer than a worker takes from asking for a trial to naming itself
+
+
 def reap(study, storage, local: bool) -> None:
     """Fail the running trials of processes on this machine that are gone (killed): the study goes on without them.
 
     Called under the study folder's lock, which a worker also holds from asking for a trial until it names itself
     its owner: so in a study on this machine alone (`local`), a trial without an owner is one whose worker was
-    killed in between.
+    killed in between. In a shared storage a worker elsewhere may be in between: its trial is taken for a killed
+    one once it has had no owner for NAMING. (A trial of another machine that went down stays RUNNING.)
     """
-    host = socket.gethostname()
+    host, now = socket.gethostname(), datetime.datetime.now()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         machine, _, pid = str(trial.user_attrs.get("owner", "")).rpartition(":")
         gone = machine == host and pid.isdigit() and not Path(f"/proc/{pid}").exists()
-        if gone or (local and "owner" not in trial.user_attrs):
+        unnamed = "owner" not in trial.user_attrs and (local or now - trial.datetime_start > NAMING)
+        if gone or unnamed:
             storage.set_trial_state_values(trial_id(storage, study.study_name, trial.number), TrialState.FAIL)
 
 
