@@ -296,7 +296,7 @@ async function inTab() {
 
   return {
     async runs() {
-      return {runs: [run], device: "this browser tab", settings};
+      return {runs: [run], device: "your CPU, in this tab (no server)", settings};
     },
 
     // the events of charlm serve's /api/generate, from the same loop as charlm.sampling.generate
