@@ -15,6 +15,7 @@ from conftest import charlm, open_page, shown_text, tiny
 
 from charlm import checkpoints, sampling
 from charlm.__main__ import main
+from charlm.serve.catalogue import Runs
 from charlm.serve.stream import candidates
 from charlm.settings import Sampling
 
@@ -87,12 +88,16 @@ def test_the_model_card_says_what_the_model_was_trained_on_and_how(run, corpus):
     assert 'charlm.load("shared")' in card
 
 
-def test_a_fine_tuning_run_and_the_playgrounds_listing_take_an_export(run, corpus, tmp_path):
+def test_fine_tuning_attention_and_the_playground_take_an_export(run, corpus, tmp_path):
     main(["fit", *tiny(corpus, max_steps=2), "--model.init_from", str(run / "shared"), "--trainer.logger", "false"])
     tuned = torch.load(next(tmp_path.glob("checkpoints/*/version_0/last.ckpt")), weights_only=True)
     assert tuned["hyper_parameters"]["init_from"] == str(run / "shared")
+    main(["attention", "--ckpt_path", str(run / "shared"), "--prompt", "KING", "--out", "heads.png"])
+    assert (tmp_path / "heads.png").stat().st_size > 0
     ckpt = run / "checkpoints/gpt-cpu-plays/version_0/last.ckpt"
     assert checkpoints.facts(run / "shared") == checkpoints.facts(ckpt)  # net, step, val loss, parameters...
+    net, tokenizer, name = Runs(run, checkpoints.resolve(str(run / "shared"), run), "cpu").get(None)
+    assert name == "shared" and tokenizer.vocab_size == net.config["vocab_size"]
 
 
 def refused(*args) -> str:
