@@ -20,6 +20,7 @@ import uvicorn
 from conftest import ROOT, open_page, shown_text, tiny
 
 import charlm
+from charlm import inside
 from charlm.__main__ import main
 from charlm.callbacks import GenerationCallback
 from charlm.serve.app import playground
@@ -516,6 +517,59 @@ def test_the_page_switches_runs_and_says_a_bigram_has_no_attention(page, runs, c
     page.click("#output .tok.gen >> nth=3")
     page.wait_for_selector("#candidates .row")
     assert page.is_visible("#no-attention") and not page.is_visible("#attention-pick")
+
+
+def test_the_lens_the_heads_and_a_texts_surprise_answer_over_the_api(url):
+    status, lens = request(url, "POST", "/api/lens", json.dumps({"text": "KING HENRY", "pos": 4}))
+    assert status == 200 and lens["depths"] == ["embedding", "block 1"] and lens["pos"] == 4
+    last = lens["rows"][-1]
+    assert 1 <= last["rank"] <= 65 and sum(p for _, p in last["top"]) <= 1.001  # where "H" (after "KING ") ranks
+    off = {"text": "KING HENRY VI:", "off_heads": [[0, 1]]}
+    status, surprise = request(url, "POST", "/api/surprise", json.dumps(off))
+    assert status == 200 and len(surprise["bits"]) == len(surprise["base_bits"]) == 13
+    assert surprise["mean_bits"] != surprise["mean_base_bits"] and len(surprise["ids"]) == 14
+    status, heads = request(url, "POST", "/api/heads", json.dumps({"text": "KING HENRY VI:\nWhat say you?"}))
+    assert status == 200 and [len(row) for row in heads["heads"]] == [2]  # 1 layer x 2 heads
+    assert {head["role"] for head in heads["heads"][0]} <= {*inside.ROLES, inside.SPREAD}
+    for body, message in [
+        ({"text": "KING", "off_heads": [[3, 0]]}, "head [3, 0] is not one of this GPT's 1 layers x 2 heads"),
+        ({"text": "KING", "off_mlp": ["x"]}, "off_heads: [layer, head] pairs; off_attention and off_mlp"),
+        ({"text": "KING", "off_attention": [0], "run": "bigram-plays/version_0"}, "it has no heads or blocks"),
+        ({"text": "KING", "pos": 9}, "pos 9 is past the text's last position, 3"),
+    ]:
+        status, answer = request(url, "POST", "/api/surprise" if "pos" not in body else "/api/lens", json.dumps(body))
+        assert status == 422 and message in answer["error"], answer
+
+
+def test_the_page_shows_the_lens_the_heads_roles_and_what_a_head_switched_off_changes(page):
+    page.fill("#prompt", "KING")
+    page.fill("#max_new_tokens", "20")
+    page.click("#generate")
+    page.wait_for_selector("#output[data-state=done]")
+    page.click("#output .tok.gen >> nth=10")  # within block_size: the lens reads what the generation read
+    page.wait_for_function("document.querySelectorAll('#lens .row').length === 2")  # the embedding, 1 block
+    candidates = page.locator("#candidates .row .char").all_text_contents()
+    assert page.locator("#lens .row >> nth=1").locator(".chip").all_text_contents() == candidates[:5]
+    page.wait_for_function("document.querySelector('#heads .role')?.textContent.length > 0")
+    assert page.locator("#heads .role").count() == 2
+    page.click("#heads figure >> nth=1")
+    page.click("#switch-off")
+    page.wait_for_function("document.querySelector('#ablation').textContent.length > 0")
+    assert page.text_content("#ablation").startswith("layer 1, head 2 off: ")
+    assert page.locator("#output .tok.harder, #output .tok.easier").count() == 4 + 20 - 1
+
+
+def test_the_page_reads_a_pasted_text_with_the_apis_surprise(page, url):
+    text = "KING HENRY VI:\nWhat say you, sir?"
+    page.fill("#prompt", text)
+    page.click("#read")
+    page.wait_for_selector("#output[data-state=done]")
+    _, answer = request(url, "POST", "/api/surprise", json.dumps({"text": text}))
+    assert page.text_content("#status").startswith(f"{answer['mean_bits']:.4f} bits per character over the 32")
+    assert shown_text(page) == text
+    page.click("#output .tok >> nth=5")
+    page.wait_for_selector("#candidates .row")  # a read character's candidates: the lens's last row
+    assert "Read, where the model gave it probability" in page.text_content("#candidates")
 
 
 def test_the_page_shows_the_servers_message_for_a_bad_setting(page):

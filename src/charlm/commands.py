@@ -82,6 +82,8 @@ def attention(
     out: str | None = None,
     device: Device = "auto",
     unknown: Literal["error", "skip"] = "error",
+    heads: bool = False,
+    lens: bool = False,
 ) -> None:
     """Save a picture of a GPT checkpoint's attention over a text: every layer and head, characters on both axes.
 
@@ -93,6 +95,11 @@ def attention(
             it is a picture charlm drew).
         device: where to run the model.
         unknown: what to do with characters the model never saw.
+        heads: print what each head does over the text instead (measured: the mean weight a character gives to
+            the previous character, itself, the start of its word or line, or what followed an earlier occurrence
+            of it; "spread out" when none takes 40%). A few thousand characters of validation text measure well.
+        lens: print instead what the model would predict after the text's last character at each depth: after
+            the embedding and after each block, through the final norm and the head (the logit lens).
     """
     from PIL.PngImagePlugin import PngInfo
 
@@ -100,7 +107,8 @@ def attention(
     from charlm.files import atomic_write
     from charlm.models import GPT
 
-    if out is None and not drawn_by_charlm(Path(DEFAULT_PICTURE)):
+    tables = heads or lens  # what is printed instead of the picture
+    if out is None and not tables and not drawn_by_charlm(Path(DEFAULT_PICTURE)):
         raise FileExistsError(
             f"{DEFAULT_PICTURE} is there and is not a picture charlm drew: pass --out with a new name"
         )
@@ -116,6 +124,11 @@ def attention(
     prompt = known_text(tokenizer, prompt if text is None else text, "--prompt", "--unknown skip", unknown == "skip")
     if not isinstance(net, GPT):
         raise ValueError(f"--ckpt_path {path} holds a {type(net).__name__}, which has no attention: pass a GPT's")
+    if tables:
+        if not prompt:
+            raise ValueError("--heads and --lens look at a text: pass --prompt or --prompt_file")
+        print_inside(net, tokenizer, tokenizer.encode(prompt), heads, lens)
+        return
     image, note = attention_picture(net, tokenizer, tokenizer.encode(prompt))
     signature = PngInfo()
     signature.add_text("Software", "charlm")  # what lets a later run replace the default name
@@ -125,6 +138,34 @@ def attention(
     print(f"charlm: wrote {out}: {n_layer} x {n_head} panels (layers x heads)", file=sys.stderr)
     if note:
         print(f"charlm: the text is longer than a picture fits: {note}", file=sys.stderr)
+
+
+def print_inside(net, tokenizer, ids: list[int], heads: bool, lens: bool) -> None:
+    """The head roles and the lens as tables on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from charlm import inside
+    from charlm.tokenizers import visible
+
+    console = Console(soft_wrap=True, highlight=False)
+    if heads:
+        short = [role.split()[-1] if role.startswith("start") else role.split()[0] for role in inside.ROLES]
+        table = Table("layer", "head", "does", "score", *short, title=f"each head over {len(ids):,} characters")
+        for layer, row in enumerate(inside.roles(net, tokenizer, ids)):
+            for head, (role, score, scores) in enumerate(row):
+                table.add_row(
+                    str(layer + 1), str(head + 1), role, f"{score:.2f}", *(f"{v:.2f}" for v in scores.values())
+                )
+        console.print(table)
+    if lens:
+        probs = inside.lens(net, ids[-net.block_size :])
+        table = Table("after", "the five most likely next characters", title="the lens: each depth's prediction")
+        for depth, row in enumerate(probs):
+            top = row.topk(5)
+            cells = "  ".join(f"{visible(tokenizer.decode([i]))} {p:.1%}" for p, i in zip(*(t.tolist() for t in top)))
+            table.add_row("the embedding" if depth == 0 else f"block {depth}", cells)
+        console.print(table)
 
 
 def drawn_by_charlm(path: Path) -> bool:

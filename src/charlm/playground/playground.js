@@ -10,6 +10,7 @@ const state = {
   controller: null,  // aborts the generation in flight
   picked: null,    // index of the clicked token
   attention: null, // the last /api/attention answer, for the picked token
+  roles: null,     // the last /api/heads answer, for the text shown
   layer: 0, head: "mean",
 };
 
@@ -52,12 +53,17 @@ const server = {
     }
   },
 
-  async attention(body) {
-    const response = await fetch("/api/attention", {
+  // a look at a text: {ok, answer} of POST /api/attention, /api/lens, /api/surprise or /api/heads
+  async post(path, body) {
+    const response = await fetch(path, {
       method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
     });
     return {ok: response.ok, answer: await response.json()};
   },
+  attention(body) { return this.post("/api/attention", body); },
+  lens(body) { return this.post("/api/lens", body); },
+  surprise(body) { return this.post("/api/surprise", body); },
+  heads(body) { return this.post("/api/heads", body); },
 };
 const api = window.charlmInTab ?? Promise.resolve(server);
 
@@ -122,11 +128,15 @@ function pickRun(name) {
   const attention = runOf(name).attention;
   $("attention-note").hidden = $("attention-pick").hidden = !attention;
   $("no-attention").hidden = attention;
+  api.then((client) => {  // the model in an exported page's tab answers generate and attention only
+    $("lens-note").hidden = $("switch-off").hidden = !attention || !client.lens;
+    $("read").hidden = !client.surprise;
+  });
 }
 
 function setState(value) {
   $("output").dataset.state = value;
-  $("generate").disabled = value === "streaming";
+  $("generate").disabled = $("read").disabled = value === "streaming";
   $("stop").disabled = value !== "streaming";
 }
 
@@ -135,11 +145,17 @@ function clearOutput() {
   state.tokens = [];
   state.picked = null;
   state.attention = null;
+  state.roles = null;
   $("output").replaceChildren();
-  $("candidates").replaceChildren();
-  $("heads").replaceChildren();
+  for (const id of ["candidates", "heads", "lens"]) $(id).replaceChildren();
   $("picked").textContent = "Click a character";
-  $("status").textContent = "";
+  $("ablation").textContent = "";
+  say("");
+}
+
+function say(text, error = true) {
+  $("status").textContent = text;
+  $("status").className = error ? "" : "info";
 }
 
 function numberOrNull(id) {
@@ -161,8 +177,9 @@ function addToken(token) {
   span.className = "tok" + (token.prompt ? " prompt" : " gen") + (token.text === "\n" ? " nl" : "");
   span.dataset.i = i;
   span.textContent = token.text;
-  if (!token.prompt) span.style.backgroundColor = `rgba(var(--warm), ${(0.6 * (1 - token.p) ** 1.5).toFixed(3)})`;
-  span.title = token.prompt ? "prompt" : `p = ${token.p}`;
+  const tint = token.read ? Math.min(1, token.bits / 8) : token.prompt ? 0 : (1 - token.p) ** 1.5;
+  if (tint) span.style.backgroundColor = `rgba(var(--warm), ${(0.6 * tint).toFixed(3)})`;
+  span.title = token.prompt ? "prompt" : token.read ? `${token.bits.toFixed(2)} bits` : `p = ${token.p}`;
   token.span = span;
   pending.append(span);
   if (!drawing) drawing = requestAnimationFrame(flush);
@@ -192,11 +209,11 @@ function onEvent(kind, data) {
       state.tokens.at(-1).span.textContent += data.text;
     }
     flush();
-    $("status").textContent = "";
+    say("");
     setState("done");
   } else if (kind === "error") {
     flush();
-    $("status").textContent = data.error;
+    say(data.error);
     setState("error");
   }
 }
@@ -215,7 +232,7 @@ async function generate() {
     }
   } catch (error) {
     if (error.name !== "AbortError") {
-      $("status").textContent = error.message;
+      say(error.message);
       setState("error");
     }
   } finally {
@@ -233,10 +250,9 @@ function stop() {
 
 function showCandidates(token) {
   const box = $("candidates");
-  if (token.prompt) {
-    box.replaceChildren(Object.assign(document.createElement("p"), {
-      className: "muted", textContent: "Part of the prompt: typed, not drawn.",
-    }));
+  if (token.prompt || (token.read && !token.top)) {
+    const text = token.prompt ? "Part of the prompt: typed, not drawn." : `Read, not drawn: ${token.bits.toFixed(2)} bits.`;
+    box.replaceChildren(Object.assign(document.createElement("p"), {className: "muted", textContent: text}));
     return;
   }
   const rows = token.top.map(([label, p]) => {
@@ -249,8 +265,9 @@ function showCandidates(token) {
     row.append(char, bar, value);
     return row;
   });
+  const how = token.read ? "Read, where the model gave it" : "Drawn with";
   const note = Object.assign(document.createElement("p"), {
-    className: "muted", textContent: `Drawn with probability ${percent(token.p)} from these candidates:`,
+    className: "muted", textContent: `${how} probability ${percent(token.p)} from these candidates:`,
   });
   box.replaceChildren(note, ...rows);
 }
@@ -270,17 +287,111 @@ async function pick(i) {
   const token = state.tokens[i];
   $("picked").textContent = `Character ${i + 1}: "${visible(token.text)}"`;
   showCandidates(token);
+  $("lens").replaceChildren();
   if (!runOf(state.run).attention) return;
+  const client = await api;
   const ids = state.tokens.slice(0, i + 1).map((t) => t.id);
-  const {ok, answer} = await (await api).attention({run: state.run, ids});
+  const looks = [showAttention(client, i, ids), showRoles(client)];
+  if (client.lens && i >= 1) looks.push(showLens(client, i, ids));
+  await Promise.all(looks);
+}
+
+async function showAttention(client, i, ids) {
+  const {ok, answer} = await client.attention({run: state.run, ids});
   if (state.picked !== i) return;  // another character was clicked meanwhile
   if (!ok) {
-    $("status").textContent = answer.error;
+    say(answer.error);
     return;
   }
   state.attention = answer;
   fillHeadPickers(answer.weights.length, answer.weights[0].length);
   drawAttention();
+}
+
+// the lens: a row per depth, its five most likely characters, and where the one that came ranks
+async function showLens(client, i, ids) {
+  const {ok, answer} = await client.lens({run: state.run, ids, pos: i - 1});
+  if (state.picked !== i) return;
+  if (!ok) {
+    say(answer.error);
+    return;
+  }
+  const token = state.tokens[i];
+  const last = answer.rows.at(-1);
+  if (token.read) showCandidates({...token, top: last.top, p: last.p, label: token.text});
+  $("lens").replaceChildren(...answer.rows.map((row, depth) => {
+    const line = Object.assign(document.createElement("div"), {className: "row"});
+    const chips = Object.assign(document.createElement("span"), {className: "chips"});
+    chips.append(...row.top.slice(0, 5).map(([label, p]) => {
+      const chip = Object.assign(document.createElement("span"), {
+        className: "chip" + (label === token.text ? " came" : ""), textContent: visible(label),
+        title: percent(p),
+      });
+      chip.style.setProperty("--p", Math.min(0.8, p).toFixed(3));
+      return chip;
+    }));
+    const where = Object.assign(document.createElement("span"), {
+      className: "where", textContent: ` came: #${row.rank}, ${percent(row.p)}`,
+    });
+    chips.append(where);
+    line.append(answer.depths[depth], chips);
+    return line;
+  }));
+}
+
+// what each head does over the text shown, measured by the server (/api/heads), asked once per text
+async function showRoles(client) {
+  if (!client.heads || state.roles?.characters === state.tokens.length) return;
+  const {ok, answer} = await client.heads({run: state.run, ids: state.tokens.map((t) => t.id)});
+  if (ok) {
+    state.roles = answer;
+    drawAttention();
+  }
+}
+
+function roleOf(layer, head) {
+  const found = state.roles?.heads[layer]?.[head];
+  return found ? `${found.role.replace("start of the ", "").split(" ")[0]} ${found.score.toFixed(2)}` : "";
+}
+
+// the text shown, read again with the chosen head (or layer's attention) switched off: which characters got harder
+async function switchOff() {
+  if (state.tokens.length < 2 || !state.attention) return;
+  const off = state.head === "mean" ? {off_attention: [state.layer]} : {off_heads: [[state.layer, state.head]]};
+  const which = state.head === "mean" ? `layer ${state.layer + 1}'s attention` : `layer ${state.layer + 1}, head ${state.head + 1}`;
+  const {ok, answer} = await (await api).surprise({run: state.run, ids: state.tokens.map((t) => t.id), ...off});
+  if (!ok) {
+    say(answer.error);
+    return;
+  }
+  answer.bits.forEach((bits, j) => {
+    const span = state.tokens[j + 1].span, change = bits - answer.base_bits[j];
+    span.classList.remove("harder", "easier");
+    span.classList.add(change > 0 ? "harder" : "easier");
+    span.style.setProperty("--d", Math.min(1, Math.abs(change) / 2).toFixed(3));
+    span.title = `${answer.base_bits[j].toFixed(2)} -> ${bits.toFixed(2)} bits with ${which} off`;
+  });
+  const change = answer.mean_bits - answer.mean_base_bits;
+  $("ablation").textContent = `${which} off: ${change >= 0 ? "+" : ""}${change.toFixed(3)} bits per character ` +
+    `(${answer.mean_base_bits.toFixed(3)} -> ${answer.mean_bits.toFixed(3)}); red underlines: harder, green: easier.`;
+}
+
+// the text in the box, tinted by the model's surprise at each character (/api/surprise): what validate measures
+async function read() {
+  stop();
+  clearOutput();
+  const {ok, answer} = await (await api).surprise({run: state.run, text: $("prompt").value || "\n"});
+  if (!ok) {
+    say(answer.error);
+    setState("error");
+    return;
+  }
+  answer.ids.forEach((id, j) => addToken(j === 0 ? {id, text: answer.labels[0], prompt: true}
+    : {id, text: answer.labels[j], read: true, bits: answer.bits[j - 1]}));
+  flush();
+  say(`${answer.mean_bits.toFixed(4)} bits per character over the ${answer.bits.length} characters after the first`,
+    false);
+  setState("done");
 }
 
 // attention as a directed graph: an edge from the clicked character to each one it attends to, as heavy as the weight
@@ -347,7 +458,7 @@ function drawAttention() {
   answer.weights.forEach((rows, l) => rows.forEach((row, h) => {
     const figure = document.createElement("figure");
     figure.className = l === state.layer && h === state.head ? "chosen" : "";
-    figure.title = `layer ${l + 1}, head ${h + 1}: click to draw it under the text`;
+    figure.title = `layer ${l + 1}, head ${h + 1} ${roleOf(l, h)}: click to draw it under the text`;
     const canvas = document.createElement("canvas");
     canvas.width = row.length;
     canvas.height = 1;
@@ -358,6 +469,8 @@ function drawAttention() {
       context.fillRect(j, 0, 1, 1);
     });
     const caption = Object.assign(document.createElement("figcaption"), {textContent: `L${l + 1} H${h + 1}`});
+    const role = Object.assign(document.createElement("span"), {className: "role", textContent: roleOf(l, h)});
+    caption.append(role);
     figure.append(caption, canvas);
     figure.addEventListener("click", () => {
       state.layer = l;
@@ -372,6 +485,8 @@ function drawAttention() {
 
 $("generate").addEventListener("click", generate);
 $("stop").addEventListener("click", stop);
+$("read").addEventListener("click", read);
+$("switch-off").addEventListener("click", switchOff);
 $("run").addEventListener("change", (event) => pickRun(event.target.value));
 $("run").addEventListener("focus", loadRuns);  // runs trained since the page opened appear
 $("output").addEventListener("click", (event) => {

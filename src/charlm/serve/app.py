@@ -19,6 +19,7 @@ from starlette.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from charlm import inside
 from charlm.errors import HTTPError
 from charlm.models import GPT
 from charlm.serve.catalogue import Runs
@@ -44,6 +45,16 @@ class AttentionRequest:
     text: str | None = bounded(None, low=1)
     ids: list | None = bounded(None, low=1)
     pos: int | None = bounded(None, low=0)
+
+
+@dataclass(eq=False)
+class InsideRequest(AttentionRequest):
+    """POST /api/lens, /api/surprise and /api/heads's body: a text as for /api/attention, and what to switch off
+    (/api/surprise): heads as [layer, head] pairs, whole layers' attention or MLPs as layer numbers, from 0."""
+
+    off_heads: list | None = bounded(None, low=0, high=4096)
+    off_attention: list | None = bounded(None, low=0, high=256)
+    off_mlp: list | None = bounded(None, low=0, high=256)
 
 
 class Guard:
@@ -156,10 +167,12 @@ def playground(
         headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
         return StreamingResponse(stream.body(start, stopping), media_type="text/event-stream", headers=headers)
 
-    async def attention(request):
-        s = settings_of(await read_body(request, body_limit), AttentionRequest, places)
+    async def looked_at(request, cls=AttentionRequest, gpt=True):
+        """A request for a look at a text: its settings, the run's net, tokenizer and name, the text's ids and the
+        position to look from (the last unless pos says), the window the model reads up to there, and its start."""
+        s = settings_of(await read_body(request, body_limit), cls, places)
         net, tokenizer, name = await asyncio.to_thread(runs.get, s.run)
-        if not isinstance(net, GPT):
+        if gpt and not isinstance(net, GPT):
             raise HTTPError(422, f"run {name!r} is a {type(net).__name__}, which has no attention: pick a GPT's run")
         if (s.text is None) == (s.ids is None):
             raise HTTPError(422, 'send one of "text" (a string) and "ids" (token ids)')
@@ -176,7 +189,10 @@ def playground(
         if pos >= len(ids):
             raise HTTPError(422, f"pos {pos} is past the text's last position, {len(ids) - 1}")
         first = max(0, pos + 1 - net.block_size)  # the model reads at most block_size tokens
-        window = ids[first : pos + 1]
+        return s, net, tokenizer, name, ids, pos, ids[first : pos + 1], first
+
+    async def attention(request):
+        s, net, tokenizer, name, ids, pos, window, first = await looked_at(request)
 
         def weights():
             with torch.inference_mode():
@@ -187,6 +203,55 @@ def playground(
         return JSONResponse(
             {"run": name, "pos": pos, "first": first, "labels": labels(tokenizer, window), "weights": maps}
         )
+
+    async def lens(request):
+        """What each depth predicts after position pos: ten candidates a row, and where the character that comes
+        next in the text (if one does) ranks."""
+        s, net, tokenizer, name, ids, pos, window, first = await looked_at(request)
+        probs = await asyncio.to_thread(inside.lens, net, window)
+        names = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
+        following = ids[pos + 1] if pos + 1 < len(ids) else None
+        rows = []
+        for row in probs:
+            top = [[names[i], float(f"{p:.4g}")] for p, i in zip(*(t.tolist() for t in row.topk(min(10, row.numel()))))]
+            rank = None if following is None else int((row > row[following]).sum()) + 1
+            p = None if following is None else float(f"{row[following].item():.4g}")
+            rows.append({"top": top, "rank": rank, "p": p})
+        depths = ["embedding", *(f"block {n + 1}" for n in range(len(rows) - 1))]
+        return JSONResponse({"run": name, "pos": pos, "first": first, "depths": depths, "rows": rows})
+
+    async def surprise(request):
+        """The loss in bits of each character after the first; with parts switched off, also the loss without."""
+        s, net, tokenizer, name, ids, *_ = await looked_at(request, InsideRequest, gpt=False)
+        off = {"heads": s.off_heads or [], "attention": s.off_attention or [], "mlp": s.off_mlp or []}
+        if any(off.values()) and not isinstance(net, GPT):
+            raise HTTPError(422, f"run {name!r} is a {type(net).__name__}: it has no heads or blocks to switch off")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (*off["attention"], *off["mlp"])) or not all(
+            isinstance(pair, list) and len(pair) == 2 and all(type(v) is int for v in pair) for pair in off["heads"]
+        ):
+            raise HTTPError(422, "off_heads: [layer, head] pairs; off_attention and off_mlp: layer numbers, from 0")
+
+        def measure():
+            bits = inside.surprise(net, ids)
+            if not any(off.values()):
+                return {"bits": bits}
+            with inside.switched_off(net, **off):
+                return {"bits": inside.surprise(net, ids), "base_bits": bits}
+
+        try:
+            answer = await asyncio.to_thread(measure)
+        except ValueError as e:
+            raise HTTPError(422, str(e)) from None
+        means = {f"mean_{key}": sum(bits) / max(1, len(bits)) for key, bits in answer.items()}
+        rounded = {key: [round(b, 5) for b in bits] for key, bits in answer.items()}
+        return JSONResponse({"run": name, "ids": ids, "labels": labels(tokenizer, ids), **rounded, **means})
+
+    async def heads(request):
+        """What each head does over the text, measured (`inside.roles`)."""
+        s, net, tokenizer, name, ids, *_ = await looked_at(request, InsideRequest)
+        found = await asyncio.to_thread(inside.roles, net, tokenizer, ids)
+        rows = [[{"role": role, "score": score, "scores": scores} for role, score, scores in row] for row in found]
+        return JSONResponse({"run": name, "characters": len(ids), "heads": rows})
 
     async def refused(request, exc):
         if isinstance(exc, HTTPError):
@@ -199,6 +264,9 @@ def playground(
             Route("/api/runs", list_runs),
             Route("/api/generate", generate, methods=["POST"]),
             Route("/api/attention", attention, methods=["POST"]),
+            Route("/api/lens", lens, methods=["POST"]),
+            Route("/api/surprise", surprise, methods=["POST"]),
+            Route("/api/heads", heads, methods=["POST"]),
             Route("/", lambda request: FileResponse(page / "index.html")),
             Mount("/static", StaticFiles(directory=page)),
         ],

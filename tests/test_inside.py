@@ -1,0 +1,88 @@
+"""Seeing inside (charlm.inside) on models whose answer is known: a head set by hand, parts switched off, the lens,
+a text's surprise against validate's loss."""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny
+
+from charlm import inside
+from charlm.__main__ import main
+from charlm.checkpoints import load_net
+from charlm.data import CharDataModule
+from charlm.models import GPT
+from charlm.tokenizers import CharTokenizer
+
+CHARS = "abcdefghij klmnop\nqr"
+
+
+def test_a_head_set_by_hand_to_attend_to_the_previous_character_is_named_so():
+    torch.manual_seed(0)
+    net = GPT(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=32, pos_emb="learned").eval()
+    with torch.no_grad():
+        net.wte.weight.zero_()
+        net.wpe.weight.copy_(torch.eye(16, 32))  # position p is the unit vector p
+        weight = net.h[0].attn.c_attn.weight  # rows: queries, keys, values; head 0's are the first 16 of each
+        weight[:16].zero_()
+        weight[32:48].zero_()
+        for row in range(15):
+            weight[row, row + 1] = 50.0  # head 0's query at position p is unit vector p - 1...
+        for row in range(16):
+            weight[32 + row, row] = 1.0  # ...and its key at position p is unit vector p
+    ids = torch.randint(20, (300,), generator=torch.Generator().manual_seed(1)).tolist()
+    ((first, second),) = inside.roles(net, CharTokenizer(CHARS), ids)
+    assert first[0] == "previous character" and first[1] > 0.99
+    assert second[0] != "previous character"  # the other head, left random, is not
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    """A 2-layer GPT trained for 60 steps on the Shakespeare-like text, its tokenizer, the start of its validation
+    text and its checkpoint."""
+    cwd = tmp_path_factory.mktemp("inside")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        flags = [*tiny(corpus, max_steps=60), "--model.net.init_args.n_layer", "2"]
+        flags += ["--trainer.val_check_interval", "60", "--generation.max_new_tokens", "0", "--trainer.logger", "false"]
+        main(["fit", *flags])
+    ckpt = next(cwd.glob("checkpoints/*/version_0/last.ckpt"))
+    net, tokenizer = load_net(ckpt)
+    return net, tokenizer, CharDataModule(str(corpus), block_size=32).val_data[:3000].tolist(), ckpt
+
+
+def test_switching_nothing_off_changes_nothing_and_a_layers_heads_off_raise_the_loss(trained):
+    net, _, val, _ = trained
+    before = inside.surprise(net, val)
+    with inside.switched_off(net):
+        assert inside.surprise(net, val) == before  # bit-identical
+    for layer in range(2):
+        with inside.switched_off(net, heads=[(layer, 0), (layer, 1)]):
+            assert sum(inside.surprise(net, val)) > sum(before)
+        with inside.switched_off(net, attention=[layer]):  # the same as each of its heads off
+            whole = inside.surprise(net, val)
+        with inside.switched_off(net, heads=[(layer, 0), (layer, 1)]):
+            assert inside.surprise(net, val) == pytest.approx(whole, abs=1e-5)
+    assert inside.surprise(net, val) == before  # the hooks are gone, the weights as they were
+    with pytest.raises(ValueError, match=r"head \[2, 0\] is not one of this GPT's 2 layers x 2 heads"):
+        with inside.switched_off(net, heads=[(2, 0)]):
+            pass
+
+
+def test_the_lens_ends_in_the_models_own_prediction(trained):
+    net, _, val, _ = trained
+    rows = inside.lens(net, val[:32])
+    assert rows.shape == (3, net.config["vocab_size"])  # the embedding, then each of 2 blocks
+    model = torch.softmax(net(torch.tensor([val[:32]]))[0][0, -1], dim=-1)
+    assert torch.allclose(rows[-1], model, atol=1e-6)
+    assert torch.allclose(rows.sum(dim=-1), torch.ones(3))
+
+
+def test_a_texts_surprise_is_validates_loss_on_it(trained, corpus, capsys):
+    net, _, _, ckpt = trained
+    main(["validate", *tiny(corpus), "--model.net.init_args.n_layer", "2", "--ckpt_path", str(ckpt)])
+    loss = float(capsys.readouterr().out.split()[2])
+    val = CharDataModule(str(corpus), block_size=32).val_data.tolist()
+    bits = inside.surprise(net, val)
+    assert len(bits) == len(val) - 1
+    assert sum(bits) / len(bits) * math.log(2) == pytest.approx(loss, abs=1e-4)
