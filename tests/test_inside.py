@@ -2,6 +2,7 @@
 a text's surprise against validate's loss."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -86,3 +87,25 @@ def test_a_texts_surprise_is_validates_loss_on_it(trained, corpus, capsys):
     bits = inside.surprise(net, val)
     assert len(bits) == len(val) - 1
     assert sum(bits) / len(bits) * math.log(2) == pytest.approx(loss, abs=1e-4)
+
+
+def test_the_terminal_prints_the_heads_and_the_lens(trained, capsys, tmp_path):
+    net, tokenizer, val, ckpt = trained
+    text = tmp_path / "val.txt"
+    text.write_text(tokenizer.decode(val))
+    main(["attention", "--ckpt_path", str(ckpt), "--prompt_file", str(text), "--heads", "true"])
+    table = capsys.readouterr().out
+    assert "each head over 3,000 characters" in table
+    rows = [line.split("│")[1:5] for line in table.splitlines() if re.match(r"│ \d", line)]
+    expected = [(layer, head, role, score) for layer, row in enumerate(inside.roles(net, tokenizer, val))
+                for head, (role, score, _) in enumerate(row)]  # fmt: skip
+    assert len(rows) == len(expected) == 4
+    for (layer, head, role, score), cells in zip(expected, rows):
+        number, place, does, shown = (c.strip() for c in cells)  # a long role wraps: its first line is here
+        assert (number, place, shown) == (str(layer + 1), str(head + 1), f"{score:.2f}") and role.startswith(does)
+    main(["attention", "--ckpt_path", str(ckpt), "--prompt", "KING HENRY", "--lens", "true"])
+    lens = capsys.readouterr().out
+    assert "the embedding" in lens and "block 2" in lens and not (tmp_path / "attention.png").exists()
+    with pytest.raises(SystemExit) as exit:
+        main(["attention", "--ckpt_path", str(ckpt), "--heads", "true"])
+    assert exit.value.code == "charlm: error: --heads and --lens look at a text: pass --prompt or --prompt_file"

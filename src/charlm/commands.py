@@ -108,6 +108,8 @@ def attention(
     from charlm.models import GPT
 
     tables = heads or lens  # what is printed instead of the picture
+    if tables and not (prompt or prompt_file):
+        raise ValueError("--heads and --lens look at a text: pass --prompt or --prompt_file")
     if out is None and not tables and not drawn_by_charlm(Path(DEFAULT_PICTURE)):
         raise FileExistsError(
             f"{DEFAULT_PICTURE} is there and is not a picture charlm drew: pass --out with a new name"
@@ -125,8 +127,6 @@ def attention(
     if not isinstance(net, GPT):
         raise ValueError(f"--ckpt_path {path} holds a {type(net).__name__}, which has no attention: pass a GPT's")
     if tables:
-        if not prompt:
-            raise ValueError("--heads and --lens look at a text: pass --prompt or --prompt_file")
         print_inside(net, tokenizer, tokenizer.encode(prompt), heads, lens)
         return
     image, note = attention_picture(net, tokenizer, tokenizer.encode(prompt))
