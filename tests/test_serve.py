@@ -398,7 +398,7 @@ def test_a_generation_asked_to_stop_takes_no_further_step(runs):
         sent.append(kind)
         stop.set()  # the client leaves as its first token goes out
 
-    produce(net, tokenizer, "cpu", [0], Sampling(seed=1, max_new_tokens=1000, temperature=1.0), stop, send)
+    produce(net, tokenizer, "cpu", [0], Sampling(seed=1, max_new_tokens=1000, temperature=1.0), stop, send, {})
     assert sent == ["token", None] and all(block.attn.kv_cache is None for block in net.h)  # the cache is freed
 
 
@@ -536,12 +536,14 @@ def test_the_lens_the_heads_and_a_texts_surprise_answer_over_the_api(url):
         ({"text": "KING", "off_mlp": ["x"]}, "off_heads: [layer, head] pairs; off_attention and off_mlp"),
         ({"text": "KING", "off_attention": [0], "run": "bigram-plays/version_0"}, "it has no heads or blocks"),
         ({"text": "KING", "pos": 9}, "pos 9 is past the text's last position, 3"),
+        ({"prompt": "KING", "off_heads": [[0, 2]]}, "head [0, 2] is not one of this GPT's 1 layers x 2 heads"),
     ]:
-        status, answer = request(url, "POST", "/api/surprise" if "pos" not in body else "/api/lens", json.dumps(body))
+        path = "/api/lens" if "pos" in body else "/api/generate" if "prompt" in body else "/api/surprise"
+        status, answer = request(url, "POST", path, json.dumps(body))
         assert status == 422 and message in answer["error"], answer
 
 
-def test_the_page_shows_the_lens_the_heads_roles_and_what_a_head_switched_off_changes(page):
+def test_the_page_shows_the_lens_the_heads_roles_and_what_a_head_switched_off_changes(page, url):
     page.fill("#prompt", "KING")
     page.fill("#max_new_tokens", "20")
     page.click("#generate")
@@ -557,6 +559,19 @@ def test_the_page_shows_the_lens_the_heads_roles_and_what_a_head_switched_off_ch
     page.wait_for_function("document.querySelector('#ablation').textContent.length > 0")
     assert page.text_content("#ablation").startswith("layer 1, head 2 off: ")
     assert page.locator("#output .tok.harder, #output .tok.easier").count() == 4 + 20 - 1
+    page.click("#generate-off")  # the same settings and seed, head 2 switched off: the server's text for them
+    settings = {"prompt": "KING", "max_new_tokens": 20, "off_heads": [[0, 1]]}
+    page.wait_for_function(f"document.querySelector('#beside').textContent.length === {4 + 20}")
+    assert page.text_content("#beside") == text_of(stream(url, **settings))
+    assert "with layer 1, head 2 off" in page.text_content("#beside-title")
+
+    page.fill("#top_k", "3")  # the cut: the model's own ten, of which top-k keeps three
+    page.click("#generate")
+    page.wait_for_selector("#output[data-state=done]")
+    page.click("#output .tok.gen >> nth=10")
+    page.wait_for_function("document.querySelectorAll('#cut .row').length === 10")
+    assert page.locator("#cut .row:not(.cut)").count() == 3 and page.locator("#cut .row.cut").count() == 7
+    assert page.locator("#cut .row.drawn:not(.cut)").count() == 1 and "top-k 3" in page.text_content("#cut")
 
 
 def test_the_page_reads_a_pasted_text_with_the_apis_surprise(page, url):

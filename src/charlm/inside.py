@@ -60,11 +60,8 @@ def surprise(net: Net, ids: list[int]) -> list[float]:
     return bits
 
 
-@contextmanager
-def switched_off(net: GPT, heads=(), attention=(), mlp=()) -> Iterator[None]:
-    """The net with some heads ((layer, head) pairs), whole layers' attention or MLPs (layer numbers, from 0)
-    contributing nothing to the residual stream, for as long as the block runs. Hooks, not weights: a head's output
-    is zeroed before the attention's output projection."""
+def check_parts(net: GPT, heads=(), attention=(), mlp=()) -> None:
+    """Refuse, in one line, a head or a layer that the net does not have."""
     n_layer, n_head = net.config["n_layer"], net.config["n_head"]
     for layer, head in heads:
         if not (0 <= layer < n_layer and 0 <= head < n_head):
@@ -72,6 +69,15 @@ def switched_off(net: GPT, heads=(), attention=(), mlp=()) -> Iterator[None]:
     for layer in (*attention, *mlp):
         if not 0 <= layer < n_layer:
             raise ValueError(f"layer {layer} is not one of this GPT's {n_layer} (from 0)")
+
+
+@contextmanager
+def switched_off(net: GPT, heads=(), attention=(), mlp=()) -> Iterator[None]:
+    """The net with some heads ((layer, head) pairs), whole layers' attention or MLPs (layer numbers, from 0)
+    contributing nothing to the residual stream, for as long as the block runs. Hooks, not weights: a head's output
+    is zeroed before the attention's output projection."""
+    check_parts(net, heads, attention, mlp)
+    n_layer, n_head = net.config["n_layer"], net.config["n_head"]
     size = net.config["n_embd"] // n_head
     hooks = []
 

@@ -129,7 +129,7 @@ function pickRun(name) {
   $("attention-note").hidden = $("attention-pick").hidden = !attention;
   $("no-attention").hidden = attention;
   api.then((client) => {  // the model in an exported page's tab answers generate and attention only
-    $("lens-note").hidden = $("switch-off").hidden = !attention || !client.lens;
+    $("lens-note").hidden = $("off-controls").hidden = !attention || !client.lens;
     $("read").hidden = !client.surprise;
   });
 }
@@ -146,10 +146,12 @@ function clearOutput() {
   state.picked = null;
   state.attention = null;
   state.roles = null;
+  state.drawn = null;
   $("output").replaceChildren();
-  for (const id of ["candidates", "heads", "lens"]) $(id).replaceChildren();
+  for (const id of ["candidates", "heads", "lens", "cut"]) $(id).replaceChildren();
   $("picked").textContent = "Click a character";
   $("ablation").textContent = "";
+  $("beside-box").hidden = true;
   say("");
 }
 
@@ -225,7 +227,8 @@ async function generate() {
   state.controller = controller;
   setState("streaming");
   try {
-    await (await api).generate(settings(), onEvent, controller.signal);
+    state.drawn = settings();  // what the text was drawn with, for the cut of a clicked character
+    await (await api).generate(state.drawn, onEvent, controller.signal);
     if ($("output").dataset.state === "streaming" && state.controller === controller) {
       flush();
       setState("done");
@@ -251,7 +254,8 @@ function stop() {
 function showCandidates(token) {
   const box = $("candidates");
   if (token.prompt || (token.read && !token.top)) {
-    const text = token.prompt ? "Part of the prompt: typed, not drawn." : `Read, not drawn: ${token.bits.toFixed(2)} bits.`;
+    const text = token.prompt ? "Part of the prompt: typed, not drawn."
+      : `Read, not drawn: ${token.bits.toFixed(2)} bits.`;
     box.replaceChildren(Object.assign(document.createElement("p"), {className: "muted", textContent: text}));
     return;
   }
@@ -288,6 +292,7 @@ async function pick(i) {
   $("picked").textContent = `Character ${i + 1}: "${visible(token.text)}"`;
   showCandidates(token);
   $("lens").replaceChildren();
+  $("cut").replaceChildren();
   if (!runOf(state.run).attention) return;
   const client = await api;
   const ids = state.tokens.slice(0, i + 1).map((t) => t.id);
@@ -319,6 +324,7 @@ async function showLens(client, i, ids) {
   const token = state.tokens[i];
   const last = answer.rows.at(-1);
   if (token.read) showCandidates({...token, top: last.top, p: last.p, label: token.text});
+  if (!token.read && !token.prompt) showCut(token, last.top);
   $("lens").replaceChildren(...answer.rows.map((row, depth) => {
     const line = Object.assign(document.createElement("div"), {className: "row"});
     const chips = Object.assign(document.createElement("span"), {className: "chips"});
@@ -339,6 +345,27 @@ async function showLens(client, i, ids) {
   }));
 }
 
+// the cut of sampling: the model's own ten most likely characters (temperature 1, nothing cut), beside what the
+// character was drawn from after the temperature, top-k and top-p; a candidate they cut is greyed
+function showCut(token, own) {
+  const after = new Map(token.top);
+  const {temperature, top_k: k, top_p: p} = state.drawn;
+  const how = [`temperature ${temperature ?? "default"}`, k ? `top-k ${k}` : "", p ? `top-p ${p}` : ""];
+  const note = Object.assign(document.createElement("p"), {
+    className: "muted",
+    textContent: `The cut of sampling: the model's own probabilities, then after ${how.filter(Boolean).join(", ")}:`,
+  });
+  const rows = own.map(([label, before]) => {
+    const row = document.createElement("div");
+    const kept = after.get(label);
+    row.className = "row" + (kept ? "" : " cut") + (label === token.label ? " drawn" : "");
+    row.append(...[visible(label), percent(before), kept ? percent(kept) : "cut"].map((text, j) =>
+      Object.assign(document.createElement("span"), {className: ["char", "p", "p"][j], textContent: text})));
+    return row;
+  });
+  $("cut").replaceChildren(note, ...rows);
+}
+
 // what each head does over the text shown, measured by the server (/api/heads), asked once per text
 async function showRoles(client) {
   if (!client.heads || state.roles?.characters === state.tokens.length) return;
@@ -355,10 +382,15 @@ function roleOf(layer, head) {
 }
 
 // the text shown, read again with the chosen head (or layer's attention) switched off: which characters got harder
+function chosenPart() {
+  const off = state.head === "mean" ? {off_attention: [state.layer]} : {off_heads: [[state.layer, state.head]]};
+  const layer = `layer ${state.layer + 1}`;
+  return {off, which: state.head === "mean" ? `${layer}'s attention` : `${layer}, head ${state.head + 1}`};
+}
+
 async function switchOff() {
   if (state.tokens.length < 2 || !state.attention) return;
-  const off = state.head === "mean" ? {off_attention: [state.layer]} : {off_heads: [[state.layer, state.head]]};
-  const which = state.head === "mean" ? `layer ${state.layer + 1}'s attention` : `layer ${state.layer + 1}, head ${state.head + 1}`;
+  const {off, which} = chosenPart();
   const {ok, answer} = await (await api).surprise({run: state.run, ids: state.tokens.map((t) => t.id), ...off});
   if (!ok) {
     say(answer.error);
@@ -374,6 +406,20 @@ async function switchOff() {
   const change = answer.mean_bits - answer.mean_base_bits;
   $("ablation").textContent = `${which} off: ${change >= 0 ? "+" : ""}${change.toFixed(3)} bits per character ` +
     `(${answer.mean_base_bits.toFixed(3)} -> ${answer.mean_bits.toFixed(3)}); red underlines: harder, green: easier.`;
+}
+
+// the last generation again, the same settings and seed, with the chosen part switched off: its text below
+async function generateOff() {
+  if (!state.drawn || !state.attention) return;
+  const {off, which} = chosenPart();
+  const box = $("beside");
+  box.replaceChildren();
+  $("beside-title").textContent = `The same settings and seed with ${which} off:`;
+  $("beside-box").hidden = false;
+  await (await api).generate({...state.drawn, ...off}, (kind, data) => {
+    if (kind === "error") say(data.error);
+    else box.append(kind === "start" ? data.prompt : data.text ?? "");
+  }, new AbortController().signal);
 }
 
 // the text in the box, tinted by the model's surprise at each character (/api/surprise): what validate measures
@@ -487,6 +533,7 @@ $("generate").addEventListener("click", generate);
 $("stop").addEventListener("click", stop);
 $("read").addEventListener("click", read);
 $("switch-off").addEventListener("click", switchOff);
+$("generate-off").addEventListener("click", generateOff);
 $("run").addEventListener("change", (event) => pickRun(event.target.value));
 $("run").addEventListener("focus", loadRuns);  // runs trained since the page opened appear
 $("output").addEventListener("click", (event) => {

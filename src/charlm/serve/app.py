@@ -29,9 +29,36 @@ from charlm.tokenizers import labels
 
 
 @dataclass(eq=False)
-class GenerateRequest(Sampling):
-    """POST /api/generate's body: the generation settings, and the run (a name from GET /api/runs; none: the served
-    one)."""
+class Switches:
+    """What a request switches off in a GPT: heads as [layer, head] pairs, whole layers' attention or MLPs as layer
+    numbers, from 0 (`inside.switched_off`)."""
+
+    off_heads: list | None = bounded(None, low=0, high=4096)
+    off_attention: list | None = bounded(None, low=0, high=256)
+    off_mlp: list | None = bounded(None, low=0, high=256)
+
+    def switched(self, net, name: str) -> dict:
+        """The parts to switch off, as `inside.switched_off` takes them, once they are of the right kinds."""
+        off = {"heads": self.off_heads or [], "attention": self.off_attention or [], "mlp": self.off_mlp or []}
+        if any(off.values()) and not isinstance(net, GPT):
+            raise HTTPError(422, f"run {name!r} is a {type(net).__name__}: it has no heads or blocks to switch off")
+        layers = all(type(v) is int for v in (*off["attention"], *off["mlp"]))
+        if not layers or not all(
+            isinstance(p, list) and len(p) == 2 and all(type(v) is int for v in p) for p in off["heads"]
+        ):
+            raise HTTPError(422, "off_heads: [layer, head] pairs; off_attention and off_mlp: layer numbers, from 0")
+        if any(off.values()):
+            try:
+                inside.check_parts(net, **off)
+            except ValueError as e:
+                raise HTTPError(422, str(e)) from None
+        return off
+
+
+@dataclass(eq=False)
+class GenerateRequest(Switches, Sampling):
+    """POST /api/generate's body: the generation settings, the run (a name from GET /api/runs; none: the served
+    one), and what to switch off while generating."""
 
     run: str | None = bounded(None, low=0, high=1000)
 
@@ -48,13 +75,8 @@ class AttentionRequest:
 
 
 @dataclass(eq=False)
-class InsideRequest(AttentionRequest):
-    """POST /api/lens, /api/surprise and /api/heads's body: a text as for /api/attention, and what to switch off
-    (/api/surprise): heads as [layer, head] pairs, whole layers' attention or MLPs as layer numbers, from 0."""
-
-    off_heads: list | None = bounded(None, low=0, high=4096)
-    off_attention: list | None = bounded(None, low=0, high=256)
-    off_mlp: list | None = bounded(None, low=0, high=256)
+class InsideRequest(Switches, AttentionRequest):
+    """POST /api/surprise's and /api/heads's body: a text as for /api/attention, and what to switch off."""
 
 
 class Guard:
@@ -152,6 +174,7 @@ def playground(
             ) from None
         try:
             net, tokenizer, name = await asyncio.to_thread(runs.get, s.run)
+            off = s.switched(net, name)
             prompt = s.usable_prompt(tokenizer, "")
         except ValueError as e:
             slots.release_on_behalf_of(slot)
@@ -161,7 +184,7 @@ def playground(
             raise
         prompt_ids = tokenizer.encode(prompt)
         stream = Stream(done=lambda: slots.release_on_behalf_of(slot))
-        args = (net, tokenizer, runs.device, prompt_ids, s, stream.stop, stream.send)
+        args = (net, tokenizer, runs.device, prompt_ids, s, stream.stop, stream.send, off)
         threading.Thread(target=produce, args=args, daemon=True).start()
         start = {"run": name, "prompt": prompt, "ids": prompt_ids, "labels": labels(tokenizer, prompt_ids)}
         headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
@@ -223,13 +246,7 @@ def playground(
     async def surprise(request):
         """The loss in bits of each character after the first; with parts switched off, also the loss without."""
         s, net, tokenizer, name, ids, *_ = await looked_at(request, InsideRequest, gpt=False)
-        off = {"heads": s.off_heads or [], "attention": s.off_attention or [], "mlp": s.off_mlp or []}
-        if any(off.values()) and not isinstance(net, GPT):
-            raise HTTPError(422, f"run {name!r} is a {type(net).__name__}: it has no heads or blocks to switch off")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (*off["attention"], *off["mlp"])) or not all(
-            isinstance(pair, list) and len(pair) == 2 and all(type(v) is int for v in pair) for pair in off["heads"]
-        ):
-            raise HTTPError(422, "off_heads: [layer, head] pairs; off_attention and off_mlp: layer numbers, from 0")
+        off = s.switched(net, name)
 
         def measure():
             bits = inside.surprise(net, ids)
@@ -238,10 +255,7 @@ def playground(
             with inside.switched_off(net, **off):
                 return {"bits": inside.surprise(net, ids), "base_bits": bits}
 
-        try:
-            answer = await asyncio.to_thread(measure)
-        except ValueError as e:
-            raise HTTPError(422, str(e)) from None
+        answer = await asyncio.to_thread(measure)
         means = {f"mean_{key}": sum(bits) / max(1, len(bits)) for key, bits in answer.items()}
         rounded = {key: [round(b, 5) for b in bits] for key, bits in answer.items()}
         return JSONResponse({"run": name, "ids": ids, "labels": labels(tokenizer, ids), **rounded, **means})

@@ -2,6 +2,7 @@
 server-sent events, the tokens of a frame handed over together."""
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -76,26 +77,29 @@ def candidates(names: list[str], probs, n: int, drawn: int) -> tuple[float, list
     return float(f"{p:.4g}"), top if drawn in ids else [*top, [names[drawn], float(f"{p:.4g}")]]
 
 
-def produce(net, tokenizer, device: str, prompt_ids: list[int], s: Sampling, stop: threading.Event, send) -> None:
-    """Sample as `charlm generate` does, sending one event per token until done or asked to stop."""
+def produce(net, tokenizer, device: str, prompt_ids: list[int], s: Sampling, stop: threading.Event, send, off) -> None:
+    """Sample as `charlm generate` does, sending one event per token until done or asked to stop; with the parts of
+    the net that `off` names switched off (`inside.switched_off`), if any."""
     import torch
 
-    from charlm import sampling
+    from charlm import inside, sampling
 
     try:
-        idx = torch.tensor([prompt_ids], device=device)
-        decoder, count, started = tokenizer.decoder(), 0, time.perf_counter()
-        names = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
-        steps = sampling.generate(net, idx, s, with_probs=True)
-        for next_id, probs in steps:
-            if stop.is_set():
-                steps.close()  # frees the KV cache now
-                return
-            token, probs = next_id.item(), probs[0]
-            p, top = candidates(names, probs, TOP, token)
-            send("token", {"id": token, "text": decoder.push(token), "label": names[token], "p": p, "top": top})
-            count += 1
-        send("end", {"text": decoder.flush(), "tokens": count, "seconds": round(time.perf_counter() - started, 3)})
+        with inside.switched_off(net, **off) if any(off.values()) else contextlib.nullcontext():
+            idx = torch.tensor([prompt_ids], device=device)
+            decoder, count, started = tokenizer.decoder(), 0, time.perf_counter()
+            names = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
+            steps = sampling.generate(net, idx, s, with_probs=True)
+            for next_id, probs in steps:
+                if stop.is_set():
+                    steps.close()  # frees the KV cache now
+                    return
+                token, probs = next_id.item(), probs[0]
+                p, top = candidates(names, probs, TOP, token)
+                send("token", {"id": token, "text": decoder.push(token), "label": names[token], "p": p, "top": top})
+                count += 1
+            seconds = round(time.perf_counter() - started, 3)
+            send("end", {"text": decoder.flush(), "tokens": count, "seconds": seconds})
     except Exception as e:  # the stream has begun: the error is its last event
         send("error", {"error": first_line(e, 300)})
     finally:
