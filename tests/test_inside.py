@@ -2,6 +2,7 @@
 a text's surprise against validate's loss."""
 
 import math
+import random
 import re
 
 import pytest
@@ -35,6 +36,26 @@ def test_a_head_set_by_hand_to_attend_to_the_previous_character_is_named_so():
     ((first, second),) = inside.roles(net, CharTokenizer(CHARS), ids)
     assert first[0] == "previous character" and first[1] > 0.99
     assert second[0] != "previous character"  # the other head, left random, is not
+
+
+def test_a_gpt_trained_to_copy_a_random_string_has_a_copying_head(tmp_path, monkeypatch):
+    """Lines of a random string written twice: past the first half, each next character is the one that followed
+    this character's earlier occurrence; 400 steps make a head that attends there."""
+    rng = random.Random(0)
+
+    def line() -> str:
+        word = "".join(rng.choice("abcdefghijklmnopqrst") for _ in range(12))
+        return f"{word} {word}\n"
+
+    (tmp_path / "copy.txt").write_text("".join(line() for _ in range(4000)))
+    monkeypatch.chdir(tmp_path)
+    net = ["--model.net.n_layer", "2", "--model.net.n_head", "2", "--model.net.n_embd", "32"]
+    run = ["--trainer.max_steps", "400", "--trainer.val_check_interval", "400", "--trainer.logger", "false"]
+    quiet = ["--generation.max_new_tokens", "0", "--trainer.enable_progress_bar", "false"]
+    main(["fit", "--data.path", "copy.txt", *net, *run, *quiet])
+    net, tokenizer = load_net(next(tmp_path.glob("checkpoints/*/version_0/last.ckpt")))
+    found = inside.roles(net, tokenizer, tokenizer.encode("".join(line() for _ in range(100))))
+    assert max(score for row in found for role, score, _ in row if role == "copying") > 0.4, found
 
 
 @pytest.fixture(scope="module")
