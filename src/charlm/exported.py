@@ -64,7 +64,7 @@ def files(config: dict, weights: dict[str, torch.Tensor], card: str, page: dict 
     """The folder's files by name; with `page` (the generation settings' defaults and bounds), the playground page
     too, running the model in the browser tab with no server (index.html, static/)."""
     # safetensors keeps one copy of a shared tensor; each name gets its own, so any reader finds every weight
-    tensors = {name: t.detach().cpu().clone().contiguous() for name, t in weights.items()}
+    tensors = {name: t.detach().cpu().float().contiguous() for name, t in weights.items()}  # the page reads F32
     out = {
         WEIGHTS: save(tensors),
         CONFIG: (json.dumps(config, indent=1, ensure_ascii=False) + "\n").encode(),
