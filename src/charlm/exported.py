@@ -63,8 +63,9 @@ def read(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def files(config: dict, weights: dict[str, torch.Tensor], card: str, page: dict | None) -> dict[str, bytes]:
     """The folder's files by name; with `page` (the generation settings' defaults and bounds), the playground page
     too, running the model in the browser tab with no server (index.html, static/)."""
-    # safetensors keeps one copy of a shared tensor; each name gets its own, so any reader finds every weight
-    tensors = {name: t.detach().cpu().float().contiguous() for name, t in weights.items()}  # the page reads F32
+    # safetensors keeps one copy of a shared tensor; each name gets its own, so any reader finds every weight; and
+    # float32 whatever the checkpoint's, as the page reads it
+    tensors = {name: t.detach().to("cpu", torch.float32, copy=True).contiguous() for name, t in weights.items()}
     out = {
         WEIGHTS: save(tensors),
         CONFIG: (json.dumps(config, indent=1, ensure_ascii=False) + "\n").encode(),
