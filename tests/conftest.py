@@ -161,7 +161,8 @@ def browser():
 
 @contextmanager
 def open_page(browser, url: str):
-    """The playground page at url, once it has listed its runs; no script error may happen while it is open."""
+    """The playground page at url (in a browser or one of its contexts), once it has listed its runs; no script
+    error may happen while it is open."""
     page = browser.new_page()
     errors = []
     page.on("pageerror", lambda error: errors.append(error))

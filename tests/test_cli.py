@@ -330,6 +330,18 @@ def test_each_fresh_run_has_folders_of_its_own_and_last_resumes_the_newest_of_it
     assert [step for step, _ in scalars(tmp_path / "logs" / runs[1])["val/loss"]] == [1, 3]
 
 
+def test_generate_says_which_run_last_took_when_there_were_others(corpus, tiny_text, tmp_path, capsys):
+    main(["fit", *tiny(corpus, max_steps=2), "--generation.max_new_tokens", "0"])
+    main(["generate", "--ckpt_path", "last", "--max_new_tokens", "5"])
+    assert "runs under checkpoints/" not in capsys.readouterr().err  # one run: nothing to choose
+    main(["fit", *tiny(tiny_text, max_steps=2), "--generation.max_new_tokens", "0"])
+    main(["generate", "--ckpt_path", "last", "--max_new_tokens", "5"])
+    newest = Path("checkpoints/gpt-cpu-tiny/version_0/last.ckpt")
+    assert f"charlm: --ckpt_path last is {newest}, of the newest of the 2 runs under checkpoints/" in (
+        capsys.readouterr().err
+    )
+
+
 def resolved_config(capsys, *args) -> dict:
     with pytest.raises(SystemExit):
         main(["fit", *args, "--print_config"])

@@ -5,6 +5,7 @@ import dataclasses
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -585,6 +586,27 @@ def test_the_page_reads_a_pasted_text_with_the_apis_surprise(page, url):
     page.click("#output .tok >> nth=5")
     page.wait_for_selector("#candidates .row")  # a read character's candidates: the lens's last row
     assert "Read, where the model gave it probability" in page.text_content("#candidates")
+
+
+def test_the_page_on_a_phone_shows_a_tapped_characters_panel_and_says_what_it_did(browser, url):
+    """A phone's narrow screen puts the panel under the text: a tap brings it into view. Greedy text says so, a
+    finished generation says how long it took, and a bigram's size is in parameters, not "0.00M"."""
+    phone = browser.new_context(viewport={"width": 390, "height": 844}, has_touch=True, is_mobile=True)
+    with open_page(phone, url) as page:
+        page.fill("#temperature", "0")
+        page.fill("#max_new_tokens", "40")
+        page.click("#generate")
+        page.wait_for_selector("#output[data-state=done]")
+        assert re.fullmatch(r"done: 40 characters in [\d.]+ s", page.text_content("#status"))
+        assert page.evaluate("document.querySelector('#inspect').getBoundingClientRect().top") > 844  # below
+        page.tap("#output .tok.gen >> nth=5")
+        page.wait_for_selector("#candidates .row")
+        top = page.evaluate("document.querySelector('#inspect').getBoundingClientRect().top")
+        assert -1 <= top < 844 / 2  # in view, its top at the top of the screen
+        assert page.text_content("#candidates p").startswith("Greedy (temperature 0): the most likely, with")
+        bigram = page.text_content("#run option[value='bigram-plays/version_0']")
+        assert bigram.endswith("4,225 parameters") and "0.00M" not in bigram
+    phone.close()
 
 
 def test_the_page_shows_the_servers_message_for_a_bad_setting(page):

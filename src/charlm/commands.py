@@ -23,8 +23,22 @@ def load(ckpt_path: str, device: str, prompt_file: str | None):
 
     device = pick_device(device)
     path = checkpoints.resolve(ckpt_path, Path("checkpoints"))
+    say_which(ckpt_path, path)
     net, tokenizer = checkpoints.load_net(path, device)
     return path, net, tokenizer, device, read_text(Path(prompt_file), "--prompt_file") if prompt_file else None
+
+
+def say_which(ckpt_path: str, path: Path) -> None:
+    """Where `last` or `best` had runs to choose from, which it took and why, in one line on stderr."""
+    from charlm import checkpoints
+
+    runs = len(checkpoints.runs_under(Path("checkpoints"))) if ckpt_path in ("last", "best") else 0
+    if runs > 1:
+        print(
+            f"charlm: --ckpt_path {ckpt_path} is {path}, of the newest of the {runs} runs under checkpoints/: pass "
+            "its folder to pick another",
+            file=sys.stderr,
+        )
 
 
 def one_prompt(prompt: str, prompt_file: str | None) -> None:
@@ -199,6 +213,7 @@ def export(to: str, ckpt_path: str = "last", web: bool = False, overwrite: bool 
     from charlm.settings import describe
 
     path = checkpoints.resolve(ckpt_path, Path("checkpoints"))
+    say_which(ckpt_path, path)
     ckpt = checkpoints.read(path)
     cls, init_args, tokenizer = checkpoints.checked_net(ckpt, path)
     checkpoints.check_finite(ckpt, path)

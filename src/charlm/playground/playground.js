@@ -74,7 +74,9 @@ function describe(run) {
   const parts = [run.name];
   if (run.step !== null) parts.push(`step ${run.step}`);
   if (run.val_loss !== null) parts.push(`val ${run.val_loss.toFixed(4)}`);
-  parts.push(`${run.net}, ${run.tokenizer} (${run.vocab_size})`, `${(run.parameters / 1e6).toFixed(2)}M`);
+  const size = run.parameters < 1e5 ? `${run.parameters.toLocaleString("en")} parameters`
+    : `${(run.parameters / 1e6).toFixed(2)}M`;  // a bigram's 4,225 is no "0.00M"
+  parts.push(`${run.net}, ${run.tokenizer} (${run.vocab_size})`, size);
   return parts.join(" · ");
 }
 
@@ -211,7 +213,7 @@ function onEvent(kind, data) {
       state.tokens.at(-1).span.textContent += data.text;
     }
     flush();
-    say("");
+    say(`done: ${data.tokens} characters in ${data.seconds} s`, false);
     setState("done");
   } else if (kind === "error") {
     flush();
@@ -269,9 +271,11 @@ function showCandidates(token) {
     row.append(char, bar, value);
     return row;
   });
-  const how = token.read ? "Read, where the model gave it" : "Drawn with";
+  const how = token.read ? "Read, where the model gave it probability"
+    : state.drawn?.temperature === 0 ? "Greedy (temperature 0): the most likely, with probability"
+    : "Drawn with probability";
   const note = Object.assign(document.createElement("p"), {
-    className: "muted", textContent: `${how} probability ${percent(token.p)} from these candidates:`,
+    className: "muted", textContent: `${how} ${percent(token.p)} from these candidates:`,
   });
   box.replaceChildren(note, ...rows);
 }
@@ -291,6 +295,7 @@ async function pick(i) {
   const token = state.tokens[i];
   $("picked").textContent = `Character ${i + 1}: "${visible(token.text)}"`;
   showCandidates(token);
+  if (matchMedia("(max-width: 800px)").matches) $("inspect").scrollIntoView({block: "start"});  // a phone: below
   $("lens").replaceChildren();
   $("cut").replaceChildren();
   if (!runOf(state.run).attention) return;
