@@ -8,13 +8,15 @@ Rows, each a fresh process, one after the other:
 2. charlm's default recipe, `python -m charlm fit` (exact validation over the whole validation split);
 3. the previous default, AdamW for 700 steps (`--model.optimizer adamw --trainer.max_steps 700`);
 4. configs/gpt-cpu-minute.yaml (the default's model, tuned for a minute) fitted to nanoGPT's wall time:
-   --trainer.max_steps from row 2's speed (the same characters a step), so its whole schedule, startup and
-   validations included, ends inside that time.
+   --trainer.max_steps from its own step time, measured by a short probe run of it (a step at context 128 costs
+   more than the default's at 64 on some CPUs), so its whole schedule, startup and validations included, ends
+   inside that time.
 
     python benchmarks/vs_nanogpt.py --nanogpt PATH/TO/nanoGPT --data.path PATH/TO/tinyshakespeare/input.txt
 """
 
 import argparse
+import importlib.util
 import inspect
 import re
 import shutil
@@ -33,6 +35,9 @@ NANOGPT_CPU = [  # nanoGPT's README, "I only have a macbook" (and any other CPU)
     "--lr_decay_iters=2000", "--dropout=0.0",
 ]  # fmt: skip
 HERE = Path(__file__).parent
+
+
+NANOGPT_NEEDS = ("numpy", "requests")  # what its prepare.py and train.py import besides torch
 
 
 def nanogpt(checkout: Path, text: Path) -> tuple[float | None, float, float]:
@@ -92,16 +97,25 @@ def main() -> None:
     parser.add_argument("--nanogpt", type=Path, required=True, help="a checkout of karpathy/nanoGPT")
     parser.add_argument("--data.path", dest="text", type=Path, required=True, help="tiny-shakespeare's input.txt")
     args = parser.parse_args()
+    missing = [name for name in NANOGPT_NEEDS if importlib.util.find_spec(name) is None]
+    if missing:
+        names = " ".join(missing)
+        raise SystemExit(f"nanoGPT's scripts import {names}, which this Python lacks: pip install {names}")
+    if not (args.nanogpt / "train.py").is_file():
+        raise SystemExit(f"--nanogpt {args.nanogpt} holds no train.py: pass a checkout of karpathy/nanoGPT")
     rows = {"nanoGPT, its README's CPU command": nanogpt(args.nanogpt, args.text.resolve())}
     rows["charlm fit (the default recipe)"] = default = charlm(args.text)
     previous = ["--model.optimizer", "adamw", "--trainer.max_steps", "700", "--trainer.val_check_interval", "350"]
     rows["charlm fit " + " ".join(previous)] = charlm(args.text, *previous)
     budget = rows["nanoGPT, its README's CPU command"][2]
-    data = inspect.signature(CharDataModule).parameters  # the recipe's batch shape is the data module's default
-    step_seconds = data["block_size"].default * data["batch_size"].default / default[4]
-    overhead = default[2] - default[3] * step_seconds  # startup, validations, samples
-    # 20% to spare: the machine drifts, and a step at context 128 costs more than the default's (10% overran by 2.4 s)
-    steps = int(0.8 * (budget - overhead) / step_seconds)
+    probe_steps = 100  # the minute recipe's own step time, and its startup and one validation
+    probe = charlm(args.text, "--trainer.max_steps", str(probe_steps), "--trainer.val_check_interval",
+                   str(probe_steps), config="gpt-cpu-minute")  # fmt: skip
+    data = inspect.signature(CharDataModule).parameters  # the same characters a step as the default's batch shape
+    step_seconds = data["block_size"].default * data["batch_size"].default / probe[4]
+    overhead = probe[2] - probe_steps * step_seconds  # startup, one validation, the sample
+    # the fitted run validates twice: one more validation's worth, and 10% to spare for the machine's drift
+    steps = int(0.9 * (budget - 2 * overhead) / step_seconds)
     name = (
         f"charlm fit --config configs/gpt-cpu-minute.yaml --trainer.max_steps {steps} (to fit nanoGPT's {budget:.0f} s)"
     )
