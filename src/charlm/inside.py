@@ -61,7 +61,9 @@ def surprise(net: Net, ids: list[int]) -> list[float]:
 
 
 def check_parts(net: GPT, heads=(), attention=(), mlp=()) -> None:
-    """Refuse, in one line, a head or a layer that the net does not have."""
+    """Refuse, in one line, a head or a layer that the net does not have (naming none: any net, a bigram too)."""
+    if not (heads or attention or mlp):
+        return
     n_layer, n_head = net.config["n_layer"], net.config["n_head"]
     for layer, head in heads:
         if not (0 <= layer < n_layer and 0 <= head < n_head):
@@ -75,8 +77,11 @@ def check_parts(net: GPT, heads=(), attention=(), mlp=()) -> None:
 def switched_off(net: GPT, heads=(), attention=(), mlp=()) -> Iterator[None]:
     """The net with some heads ((layer, head) pairs), whole layers' attention or MLPs (layer numbers, from 0)
     contributing nothing to the residual stream, for as long as the block runs. Hooks, not weights: a head's output
-    is zeroed before the attention's output projection."""
+    is zeroed before the attention's output projection. Naming nothing, it changes nothing, on any net."""
     check_parts(net, heads, attention, mlp)
+    if not (heads or attention or mlp):
+        yield
+        return
     n_layer, n_head = net.config["n_layer"], net.config["n_head"]
     size = net.config["n_embd"] // n_head
     hooks = []

@@ -47,11 +47,10 @@ class Switches:
             isinstance(p, list) and len(p) == 2 and all(type(v) is int for v in p) for p in off["heads"]
         ):
             raise HTTPError(422, "off_heads: [layer, head] pairs; off_attention and off_mlp: layer numbers, from 0")
-        if any(off.values()):
-            try:
-                inside.check_parts(net, **off)
-            except ValueError as e:
-                raise HTTPError(422, str(e)) from None
+        try:
+            inside.check_parts(net, **off)
+        except ValueError as e:
+            raise HTTPError(422, str(e)) from None
         return off
 
 

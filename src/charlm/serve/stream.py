@@ -2,7 +2,6 @@
 server-sent events, the tokens of a frame handed over together."""
 
 import asyncio
-import contextlib
 import json
 import threading
 import time
@@ -85,7 +84,7 @@ def produce(net, tokenizer, device: str, prompt_ids: list[int], s: Sampling, sto
     from charlm import inside, sampling
 
     try:
-        with inside.switched_off(net, **off) if any(off.values()) else contextlib.nullcontext():
+        with inside.switched_off(net, **off):
             idx = torch.tensor([prompt_ids], device=device)
             decoder, count, started = tokenizer.decoder(), 0, time.perf_counter()
             names = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
