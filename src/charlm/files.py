@@ -12,7 +12,7 @@ from pathlib import Path
 
 TEMP_PREFIX = ".saving-"  # never a .ckpt, .bin or .png name: a write cut short is never taken for a finished file
 LOCK = ".charlm-lock"  # not .lock: a name of charlm's own, which no user file of the folder has
-TEMP_NAME = re.compile(rf"{re.escape(TEMP_PREFIX)}\d+-")  # only charlm's own are ever removed
+TEMP_NAME = re.compile(rf"{re.escape(TEMP_PREFIX)}(\d+)-")  # only charlm's own are ever removed, by the writer's pid
 
 
 @contextmanager
@@ -71,10 +71,22 @@ def lock_folder(folder: Path, busy: str | None = None):
     lock.truncate(0)
     lock.write(str(os.getpid()))
     lock.flush()
-    for stale in folder.iterdir():
-        if TEMP_NAME.match(stale.name):
-            stale.unlink()
+    for stale in folder.iterdir():  # a live writer's file is its own (it may write without the lock): kept
+        found = TEMP_NAME.match(stale.name)
+        if found and stale.is_file() and not alive(int(found.group(1))):
+            stale.unlink(missing_ok=True)
     return lock
+
+
+def alive(pid: int) -> bool:
+    """Whether a process of that id runs on this machine."""
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether it could be
+    except (ProcessLookupError, OverflowError):  # none of that id, or no id a process can have
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def file_kind(path: Path) -> str:
