@@ -1,6 +1,7 @@
 """Share a model: `charlm export` writes safetensors, config.json and a model card that load without charlm's
 checkpoints, and every command that takes a checkpoint takes the folder."""
 
+import contextlib
 import functools
 import hashlib
 import http.server
@@ -192,12 +193,20 @@ def site(run):
     """The page that export --web writes, served as files by Python's http.server on 127.0.0.1."""
     ckpt = run / "checkpoints/gpt-cpu-plays/version_0/last.ckpt"
     main(["export", "--ckpt_path", str(ckpt), "--web", "true", "--to", str(run / "site")])
-    handler = functools.partial(QuietFiles, directory=str(run / "site"))
+    with serving(run / "site") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving(folder):
+    handler = functools.partial(QuietFiles, directory=str(folder))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
 
 
 class QuietFiles(http.server.SimpleHTTPRequestHandler):
@@ -244,6 +253,29 @@ def test_the_exported_page_runs_the_model_in_the_tab_as_charlm_generate_does(tab
     maps = net.attention(torch.tensor([ids[answer["first"] :]]))[:, 0, :, -1]
     assert torch.allclose(torch.tensor(answer["weights"], dtype=torch.float64), maps.double(), atol=1e-4)
     assert tab.text_content("#candidates .row.drawn .char") is not None
+
+
+def test_the_exported_page_computes_every_option_of_the_gpt_as_charlm_does(browser, corpus, tmp_path, monkeypatch):
+    """QK-norm, ReLU², the logit cap, value embeddings and an untied head: each character's probability in the tab is
+    the one charlm computes, to 1e-4."""
+    monkeypatch.chdir(tmp_path)
+    options = dict(qk_norm="true", mlp="relu2", logit_cap="3", value_embeds="true", tie_embeddings="false")
+    flags = [flag for name, value in options.items() for flag in (f"--model.net.init_args.{name}", value)]
+    main(["fit", *tiny(corpus), *flags, "--generation.max_new_tokens", "0"])
+    main(["export", "--web", "true", "--to", "site"])
+    net, tokenizer = checkpoints.load_net(tmp_path / "site")
+    chosen = {name: net.config[name] for name in options}
+    assert chosen == dict(qk_norm=True, mlp="relu2", logit_cap=3.0, value_embeds=True, tie_embeddings=False)
+    settings = Sampling(prompt="KING", temperature=0, max_new_tokens=60)
+    start = torch.tensor([tokenizer.encode("KING")])
+    expected = [probs[0, i.item()].item() for i, probs in sampling.generate(net, start, settings, with_probs=True)]
+    with serving(tmp_path / "site") as url, open_page(browser, url) as tab:
+        tab.fill("#prompt", "KING")
+        tab.fill("#temperature", "0")
+        tab.fill("#max_new_tokens", "60")
+        tab.click("#generate")
+        tab.wait_for_selector("#output[data-state=done]")
+        assert tab.evaluate("state.tokens.filter(t => !t.prompt).map(t => t.p)") == pytest.approx(expected, abs=1e-4)
 
 
 def test_the_exported_page_samples_with_its_seed_and_says_what_it_cannot_take(tab):

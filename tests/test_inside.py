@@ -93,11 +93,14 @@ def test_switching_nothing_off_changes_nothing_and_a_layers_heads_off_raise_the_
 
 def test_the_lens_ends_in_the_models_own_prediction(trained):
     net, _, val, _ = trained
-    rows = inside.lens(net, val[:32])
-    assert rows.shape == (3, net.config["vocab_size"])  # the embedding, then each of 2 blocks
-    model = torch.softmax(net(torch.tensor([val[:32]]))[0][0, -1], dim=-1)
-    assert torch.allclose(rows[-1], model, atol=1e-6)
-    assert torch.allclose(rows.sum(dim=-1), torch.ones(3))
+    capped = GPT(**net.config | dict(logit_cap=1.0, value_embeds=True))  # the head's cap is the lens's too
+    capped.load_state_dict(net.state_dict(), strict=False)
+    for model in (net, capped):
+        rows = inside.lens(model, val[:32])
+        assert rows.shape == (3, net.config["vocab_size"])  # the embedding, then each of 2 blocks
+        prediction = torch.softmax(model(torch.tensor([val[:32]]))[0][0, -1], dim=-1)
+        assert torch.allclose(rows[-1], prediction, atol=1e-6)
+        assert torch.allclose(rows.sum(dim=-1), torch.ones(3))
 
 
 def test_a_texts_surprise_is_validates_loss_on_it(trained, corpus, capsys):

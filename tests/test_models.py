@@ -11,6 +11,71 @@ def tiny_gpt(**overrides) -> GPT:
     return GPT(**(config | overrides))
 
 
+# the speedruns' options (benchmarks/speedrun.py), each alone and all at once
+OPTIONS = [
+    dict(qk_norm=True),
+    dict(mlp="relu2"),
+    dict(zero_init=True),
+    dict(logit_cap=2.0),
+    dict(value_embeds=True),
+    dict(tie_embeddings=False),
+    dict(qk_norm=True, mlp="relu2", logit_cap=2.0, value_embeds=True, tie_embeddings=False, pos_emb="learned"),
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+def test_every_option_is_causal_and_its_kv_cache_computes_what_the_whole_pass_does(options):
+    torch.manual_seed(0)
+    model = tiny_gpt(**options).eval()
+    for block in model.h:  # zero_init's projections, moved off zero: the blocks must compute something
+        torch.nn.init.normal_(block.attn.c_proj.weight, std=0.02)
+        torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.02)
+    idx = torch.randint(20, (2, 12))
+    changed = idx.clone()
+    changed[:, 7] = (idx[:, 7] + 1) % 20
+    whole, whole_changed = model(idx)[0], model(changed)[0]
+    assert torch.equal(whole[:, :7], whole_changed[:, :7]) and not torch.allclose(whole[:, 7:], whole_changed[:, 7:])
+    model.set_kv_cache(batch_size=2)
+    steps = [model(idx[:, :5])[0], *(model(idx[:, t : t + 1], pos=t)[0] for t in range(5, 12))]
+    model.clear_kv_cache()
+    assert (torch.cat(steps, dim=1) - whole).abs().max().item() < 1e-5
+
+
+def test_zero_init_starts_every_block_as_the_identity():
+    model = tiny_gpt(zero_init=True, pos_emb="learned")
+    idx = torch.randint(20, (2, 16))
+    assert torch.equal(model(idx)[0], model.head(model.wte(idx) + model.wpe(torch.arange(16))))
+    assert not torch.equal(tiny_gpt(pos_emb="learned")(idx)[0], model(idx)[0])
+
+
+def test_the_logit_cap_bounds_the_logits_however_large_the_weights():
+    torch.manual_seed(0)
+    idx = torch.randint(20, (2, 16))
+    capped, free = tiny_gpt(logit_cap=2.0), tiny_gpt()
+    for model in (capped, free):
+        with torch.no_grad():
+            model.wte.weight.mul_(100)
+    assert capped(idx)[0].abs().max().item() <= 2 < 20 < free(idx)[0].abs().max().item()
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
+    torch.manual_seed(0)
+    idx = torch.randint(20, (2, 16))
+    for qk_norm in (True, False):
+        model = tiny_gpt(qk_norm=qk_norm).eval()
+        before = model(idx)[0]
+        with torch.no_grad():
+            for block in model.h:
+                block.attn.c_attn.weight[:64].mul_(30)  # the rows that make queries and keys (n_embd 32 each)
+        assert torch.allclose(model(idx)[0], before, atol=1e-4) == qk_norm
+
+
+def test_an_untied_head_has_its_own_weight():
+    model = tiny_gpt(tie_embeddings=False)
+    assert model.lm_head.weight is not model.wte.weight
+    assert {"wte.weight", "lm_head.weight"} <= set(model.state_dict())
+
+
 @pytest.mark.parametrize("pos_emb", ["rope", "learned"])
 def test_gpt_is_causal(pos_emb):
     torch.manual_seed(0)
@@ -72,10 +137,10 @@ def test_a_single_position_through_the_row_split_linear_equals_nn_linear_whichev
     assert y.shape == (1, 1, 96) and (y - expected).abs().max().item() < 1e-6
 
 
-@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
-def test_torch_compile_traces_the_gpt_training_pass_as_one_graph(pos_emb):
+@pytest.mark.parametrize("options", [dict(pos_emb="learned"), dict(pos_emb="rope"), OPTIONS[-1]], ids=str)
+def test_torch_compile_traces_the_gpt_training_pass_as_one_graph(options):
     # every graph break splits the compiled net into pieces that inductor cannot fuse across
-    model = GPT(block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.1, pos_emb=pos_emb)
+    model = GPT(block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.1, **options)
     idx = torch.randint(0, 65, (4, 16))
     explained = torch._dynamo.explain(model.forward)(idx, idx)
     assert explained.graph_break_count == 0, [reason.reason.splitlines()[0] for reason in explained.break_reasons]
@@ -114,6 +179,9 @@ def test_models_overfit_a_tiny_sequence(make_model):
         (dict(n_layer=-1), "n_layer=-1"),
         (dict(n_embd=30, n_head=2), "rope needs an even head size, n_embd / n_head = 15"),
         (dict(pos_emb="sinusoid"), "pos_emb='sinusoid' is not one of"),
+        (dict(mlp="swish"), "mlp='swish' is not one of 'gelu', 'relu2'"),
+        (dict(logit_cap=-1.0), "logit_cap=-1.0 must be >= 0"),
+        (dict(logit_cap=float("nan")), "logit_cap=nan must be >= 0"),
     ],
 )
 def test_gpt_rejects_bad_hyperparameters(overrides, message):

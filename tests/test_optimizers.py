@@ -15,8 +15,10 @@ ADAMW = ["--model.optimizer", "adamw"]
 LAST = "checkpoints/gpt-cpu-plays/version_0/last.ckpt"
 
 
-def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
-    model = CharLM(GPT(vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=16))  # Muon is the default
+@pytest.mark.parametrize("options", [{}, dict(value_embeds=True, tie_embeddings=False, qk_norm=True)], ids=str)
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(options):
+    # the value embeddings, an untied head and the QK-norm gains are AdamW's: embeddings and vectors, not hidden maps
+    model = CharLM(GPT(vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=16, **options))  # Muon: the default
     optimizer = model.make_optimizer()
     muon = {id(p) for g in optimizer.parts["muon"].param_groups for p in g["params"]}
     named = dict(model.net.named_parameters())
@@ -24,7 +26,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
         f"h.{i}.{m}.weight" for i in (0, 1) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     }
     adamw = {id(p) for g in optimizer.parts["adamw"].param_groups for p in g["params"]}
-    assert not muon & adamw and len(muon | adamw) == len(named)  # every weight once (wte and the head are one)
+    assert not muon & adamw and len(muon | adamw) == len(named)  # every weight once (a tied head is wte)
     assert optimizer.param_groups[0]["lr"] == 1e-2 and optimizer.param_groups[-1]["lr"] == 0.05
     with pytest.raises(ValueError, match="a Bigram has no hidden weight matrices: add --model.optimizer adamw"):
         CharLM(Bigram(20), optimizer="muon")

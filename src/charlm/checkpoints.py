@@ -210,6 +210,10 @@ def differing(saved: dict, expected: dict) -> str | None:
     return None
 
 
+# what a GPT saved before an option existed was built with, where the option's default is now another
+SAVED_BEFORE = {"pos_emb": "learned", "qk_norm": False}
+
+
 def checked_net(ckpt: dict, path: Path) -> tuple[type[Net], dict, Tokenizer]:
     """The class, init_args and tokenizer of a checkpoint's net, once they are known to describe its weights: each
     size at most the number of weights, no more layers than tensors, the net built without memory (on the meta
@@ -223,7 +227,7 @@ def checked_net(ckpt: dict, path: Path) -> tuple[type[Net], dict, Tokenizer]:
         if kind in (int, bool, float) and not (type(value) is kind or kind is float and type(value) is int):
             raise not_ours(path, f"its init_args {name!r} is {type(value).__name__} {str(value)[:40]!r}")
     if cls is GPT:
-        init_args = {"pos_emb": "learned"} | init_args  # a GPT saved without pos_emb learned its positions
+        init_args = SAVED_BEFORE | init_args
     weights = net_weights(ckpt)
     numel = sum(t.numel() for t in weights.values())
     sizes = {k: v for k, v in init_args.items() if isinstance(v, int) and v > numel}

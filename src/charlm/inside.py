@@ -37,7 +37,7 @@ def lens(net: GPT, ids: list[int]) -> torch.Tensor:
     finally:
         for hook in hooks:
             hook.remove()
-    return torch.stack([F.softmax(net.lm_head(net.ln_f(x[0, -1])).float(), dim=-1) for x in streams])
+    return torch.stack([F.softmax(net.head(x[0, -1]).float(), dim=-1) for x in streams])
 
 
 def windows(ids: list[int], block_size: int) -> Iterator[tuple[list[int], list[int]]]:

@@ -118,24 +118,32 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, qk_norm: bool):
         super().__init__()
         self.n_head = n_head
         self.dropout = dropout
         self.c_attn = RowSplitLinear(n_embd, 3 * n_embd, bias=bias)  # query, key, value for all heads at once
+        self.qk_norm = nn.RMSNorm(n_embd // n_head) if qk_norm else None  # one gain for queries and keys
         self.c_proj = RowSplitLinear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # set by GPT.set_kv_cache
         self.keep_weights = False  # set by GPT.attention: compute the weights explicitly and keep them
         self.weights: torch.Tensor | None = None  # (B, nh, T, S) from the last forward with keep_weights
 
-    def forward(self, x: torch.Tensor, pos: int = 0, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def forward(self, x: torch.Tensor, pos: int = 0, rope=None, ve: torch.Tensor | None = None):
         B, T, C = x.size()
         nh = self.n_head
         qkv = self.c_attn(x).view(B, T, 3 * nh, C // nh).transpose(1, 2)  # (B, 3 nh, T, hs): q, k, v heads
         q, k, v = qkv.split(nh, dim=1)  # (B, nh, T, hs) each
-        if rope is not None:  # queries and keys in one rotation: less time than one each
-            q, k = rotate(qkv[:, : 2 * nh], *rope).split(nh, dim=1)
+        if self.qk_norm is not None or rope is not None:  # queries and keys in one op: less time than one each
+            qk = qkv[:, : 2 * nh]
+            if self.qk_norm is not None:
+                qk = self.qk_norm(qk)
+            if rope is not None:
+                qk = rotate(qk, *rope)
+            q, k = qk.split(nh, dim=1)
+        if ve is not None:  # the value embedding of each character, (B, T, C), split into heads like the values
+            v = v + ve.view(B, T, nh, C // nh).transpose(1, 2)
         if self.kv_cache is not None:  # x holds positions pos .. pos+T-1: store them, attend to all so far
             k_cache, v_cache = self.kv_cache
             k_cache[:B, :, pos : pos + T] = k
@@ -159,27 +167,32 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, n_embd: int, dropout: float, bias: bool):
+    def __init__(self, n_embd: int, dropout: float, bias: bool, activation: str):
         super().__init__()
         self.c_fc = RowSplitLinear(n_embd, 4 * n_embd, bias=bias)
-        self.gelu = nn.GELU()
+        self.activation = nn.GELU() if activation == "gelu" else ReLU2()
         self.c_proj = RowSplitLinear(4 * n_embd, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.activation(self.c_fc(x))))
+
+
+class ReLU2(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
 
 
 class Block(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, qk_norm: bool, mlp: str):
         super().__init__()
         self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
-        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias, qk_norm)
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
-        self.mlp = MLP(n_embd, dropout, bias)
+        self.mlp = MLP(n_embd, dropout, bias, mlp)
 
-    def forward(self, x: torch.Tensor, pos: int = 0, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
-        x = x + self.attn(self.ln_1(x), pos, rope)
+    def forward(self, x: torch.Tensor, pos: int = 0, rope=None, ve: torch.Tensor | None = None):
+        x = x + self.attn(self.ln_1(x), pos, rope, ve)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -198,6 +211,15 @@ class GPT(Net):
         bias: use biases in Linear and LayerNorm layers.
         pos_emb: "rope" rotary embeddings in attention (a lower loss at the same step), or "learned" position
             embeddings added to the input (nanoGPT).
+        qk_norm: RMS-normalise each head's queries and keys (one learned gain) before attention (the speedruns).
+        mlp: the MLP's activation: "gelu" (GPT-2), or "relu2", ReLU squared (the speedruns).
+        zero_init: the blocks' output projections start at zero, so each block starts as the identity (the
+            speedruns), instead of GPT-2's small random start.
+        logit_cap: soft-cap the logits to (-cap, cap) with cap * tanh(logits / cap) (the speedruns use 15-30); 0
+            turns it off.
+        value_embeds: each block adds a learned embedding of each character to its attention's values (the
+            speedruns' value embeddings).
+        tie_embeddings: the LM head shares its weight with the token embedding (nanoGPT); false gives it its own.
     """
 
     def __init__(
@@ -210,6 +232,12 @@ class GPT(Net):
         dropout: float = 0.0,
         bias: bool = False,
         pos_emb: Literal["learned", "rope"] = "rope",
+        qk_norm: bool = False,
+        mlp: Literal["gelu", "relu2"] = "gelu",
+        zero_init: bool = False,
+        logit_cap: float = 0.0,
+        value_embeds: bool = False,
+        tie_embeddings: bool = True,
     ):
         super().__init__()
         _check_positive(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
@@ -219,6 +247,10 @@ class GPT(Net):
             raise ValueError(f"dropout={dropout} is outside [0, 1): use e.g. 0.0 or 0.2")
         if pos_emb not in ("learned", "rope"):
             raise ValueError(f"pos_emb={pos_emb!r} is not one of 'learned', 'rope'")
+        if mlp not in ("gelu", "relu2"):
+            raise ValueError(f"mlp={mlp!r} is not one of 'gelu', 'relu2'")
+        if not logit_cap >= 0:
+            raise ValueError(f"logit_cap={logit_cap} must be >= 0 (0 turns it off), e.g. 15")
         head_size = n_embd // n_head
         if pos_emb == "rope" and head_size % 2:
             raise ValueError(f"rope needs an even head size, n_embd / n_head = {head_size}: change n_embd or n_head")
@@ -231,6 +263,12 @@ class GPT(Net):
             dropout=dropout,
             bias=bias,
             pos_emb=pos_emb,
+            qk_norm=qk_norm,
+            mlp=mlp,
+            zero_init=zero_init,
+            logit_cap=logit_cap,
+            value_embeds=value_embeds,
+            tie_embeddings=tie_embeddings,
         )
         self.block_size = block_size
         self.wte = nn.Embedding(vocab_size, n_embd)
@@ -244,14 +282,19 @@ class GPT(Net):
             sin[:, : head_size // 2] *= -1  # see rotate
             self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(dropout)
-        self.h = nn.ModuleList(Block(n_embd, n_head, dropout, bias) for _ in range(n_layer))
+        self.h = nn.ModuleList(Block(n_embd, n_head, dropout, bias, qk_norm, mlp) for _ in range(n_layer))
+        # outside h: embeddings are AdamW's, not Muon's (optimizers.muon_matrices)
+        self.vte = nn.ModuleList(nn.Embedding(vocab_size, n_embd) for _ in range(n_layer)) if value_embeds else None
         self.ln_f = nn.LayerNorm(n_embd, bias=bias)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying
+        if tie_embeddings:
+            self.lm_head.weight = self.wte.weight
 
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):  # scaled init of residual projections, per GPT-2
+            if name.endswith("c_proj.weight") and zero_init:
+                nn.init.zeros_(p)
+            elif name.endswith("c_proj.weight"):  # scaled init of residual projections, per GPT-2
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
 
     @staticmethod
@@ -272,9 +315,16 @@ class GPT(Net):
         else:
             rope = (self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T])
         x = self.drop(x)
-        for block in self.h:
-            x = block(x, pos, rope)
-        return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+        for i, block in enumerate(self.h):
+            x = block(x, pos, rope, None if self.vte is None else self.vte[i](idx))
+        return self.head(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits (..., vocab_size) of residual-stream vectors x (..., n_embd): the final norm, the LM head and
+        the soft cap."""
+        logits = self.lm_head(self.ln_f(x))
+        cap = self.config["logit_cap"]
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     @torch.no_grad()
     def attention(self, idx: torch.Tensor) -> torch.Tensor:

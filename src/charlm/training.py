@@ -15,9 +15,9 @@ class CharLM(L.LightningModule):
     """Trains a character-level language model.
 
     Args:
-        net: the model: GPT (the default; its flags --model.net.n_layer, n_head, n_embd, dropout, bias and pos_emb
-            are explained by --model.net.help GPT), or Bigram (--model.net Bigram). The vocabulary size and block_size
-            come from the data.
+        net: the model: GPT (the default; its flags --model.net.n_layer, n_head, n_embd, dropout, bias, pos_emb and
+            the speedruns' options are explained by --model.net.help GPT), or Bigram (--model.net Bigram). The
+            vocabulary size and block_size come from the data.
         lr: peak learning rate, reached after the warmup; a tiny model tolerates a high one.
         min_lr: the learning rate at the end of the cosine decay (lr / 10, as in nanoGPT).
         warmup_steps: optimizer steps of linear warmup from 0 to lr.

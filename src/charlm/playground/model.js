@@ -63,9 +63,18 @@ function layerNorm(x, weight, bias) {
   return y;
 }
 
+// nn.RMSNorm over x[offset .. offset + n): x / sqrt(mean(x^2) + eps) * weight, eps float32's machine epsilon
+function rmsNorm(x, offset, n, weight) {
+  let square = 0;
+  for (let i = 0; i < n; i++) square += x[offset + i] ** 2;
+  const scale = 1 / Math.sqrt(square / n + 1.1920928955078125e-7);
+  for (let i = 0; i < n; i++) x[offset + i] *= scale * weight[i];
+}
+
 class GPT {
   constructor(args, w) {
-    Object.assign(this, args);  // vocab_size, block_size, n_layer, n_head, n_embd, bias, pos_emb
+    // vocab_size, block_size, n_layer, n_head, n_embd, bias, pos_emb, and the options an older export lacks
+    Object.assign(this, {qk_norm: false, mlp: "gelu", logit_cap: 0, value_embeds: false}, args);
     this.w = w;
     this.hs = this.n_embd / this.n_head;
     if (this.pos_emb === "rope") {  // angle of channel pair i at position t: t / 10000^(2i / head size)
@@ -109,7 +118,9 @@ class GPT {
       const p = `h.${l}.`, cache = this.cache[l];
       const qkv = linear(layerNorm(x, w[p + "ln_1.weight"], w[p + "ln_1.bias"]), w[p + "attn.c_attn.weight"],
         w[p + "attn.c_attn.bias"], 3 * C);
+      if (this.qk_norm) for (let h = 0; h < 2 * nh; h++) rmsNorm(qkv, h * hs, hs, w[p + "attn.qk_norm.weight"]);
       if (this.pos_emb === "rope") for (let h = 0; h < 2 * nh; h++) this.rotate(qkv, h * hs, pos);
+      if (this.value_embeds) for (let c = 0; c < C; c++) qkv[2 * C + c] += w[`vte.${l}.weight`][id * C + c];
       cache.k.set(qkv.subarray(C, 2 * C), pos * C);
       cache.v.set(qkv.subarray(2 * C, 3 * C), pos * C);
       const y = new Float32Array(C), heads = [];
@@ -136,11 +147,14 @@ class GPT {
       for (let c = 0; c < C; c++) x[c] += attended[c];
       const hidden = linear(layerNorm(x, w[p + "ln_2.weight"], w[p + "ln_2.bias"]), w[p + "mlp.c_fc.weight"],
         w[p + "mlp.c_fc.bias"], 4 * C);
-      for (let i = 0; i < hidden.length; i++) hidden[i] = gelu(hidden[i]);
+      const activation = this.mlp === "relu2" ? (v => Math.max(v, 0) ** 2) : gelu;
+      for (let i = 0; i < hidden.length; i++) hidden[i] = activation(hidden[i]);
       const out = linear(hidden, w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"], C);
       for (let c = 0; c < C; c++) x[c] += out[c];
     }
-    const logits = linear(layerNorm(x, w["ln_f.weight"], w["ln_f.bias"]), w["wte.weight"], null, this.vocab_size);
+    const logits = linear(layerNorm(x, w["ln_f.weight"], w["ln_f.bias"]), w["lm_head.weight"], null, this.vocab_size);
+    const cap = this.logit_cap;
+    if (cap) for (let i = 0; i < logits.length; i++) logits[i] = cap * Math.tanh(logits[i] / cap);
     return keep ? {logits, weights: kept} : logits;
   }
 
