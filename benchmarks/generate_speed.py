@@ -1,9 +1,9 @@
 """Characters per second of `charlm.sampling.generate`, with and without the GPT's KV cache.
 
-The model is by default the 6-layer, 6-head, 384-wide GPT of configs/gpt.yaml at context 256 (the config's until
-2026-11-22; it trains at 512 now), with random weights (speed does not depend on what was learned). Without the
-cache, every step re-runs the last block_size characters, as nanoGPT's sample.py does; with it, every step computes
-one position (plus a re-fill of the cache every block_size // 2 steps).
+The model is by default the GPT of configs/gpt.yaml (6 layers, 6 heads, 384 wide, and its options) at context 256
+(the config's until 2026-11-22; it trains at 512 now), with random weights (speed does not depend on what was
+learned). Without the cache, every step re-runs the last block_size characters, as nanoGPT's sample.py does; with
+it, every step computes one position (plus a re-fill of the cache every block_size // 2 steps).
 
 The two alternate, --rounds times (a shared machine's speed drifts within a minute); the speed-up is the ratio of
 the medians.
@@ -18,8 +18,10 @@ import resource
 import statistics
 import subprocess
 import time
+from pathlib import Path
 
 import torch
+import yaml
 
 from charlm.models import GPT
 from charlm.sampling import generate
@@ -42,14 +44,15 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--n_layer", type=int, default=6)
-    parser.add_argument("--n_head", type=int, default=6)
-    parser.add_argument("--n_embd", type=int, default=384)
+    recipe = yaml.safe_load((Path(__file__).parent.parent / "configs/gpt.yaml").read_text())["model"]["net"]
+    net_args = recipe["init_args"] | {"dropout": 0.0}
+    for name in ("n_layer", "n_head", "n_embd"):
+        parser.add_argument(f"--{name}", type=int, default=net_args[name])
     parser.add_argument("--block_size", type=int, default=256)
     args = parser.parse_args()
     torch.manual_seed(0)
     sizes = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size)
-    net = GPT(vocab_size=65, **sizes).to(args.device).eval()
+    net = GPT(vocab_size=65, **net_args | sizes).to(args.device).eval()
     chars_per_second(net, 50, True, args.device)  # warm up (and measure the faster single-position product)
     rates = {True: [], False: []}
     for _ in range(args.rounds):

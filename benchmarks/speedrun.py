@@ -1,9 +1,9 @@
 """The 2026 speedruns' techniques, one at a time, on one of charlm's CPU recipes, each at the recipe's own wall time.
 
 Each technique is a flag of `python -m charlm fit` (GPT's options, or Lightning's EMA callback). Equal wall time:
-the cost of a training step of each technique is measured first, in this process, step by step in turn; one that
-costs clearly more than the recipe (over NOISE) trains `recipe steps / its cost ratio` steps (its schedule shrunk to
-fit), so all train for the same seconds. The runs alternate techniques within each seed; every seed gives every
+the cost of a training step of each technique is measured first, in this process, step by step in turn; one whose
+cost differs from the recipe's by more than NOISE trains `recipe steps / its cost ratio` steps (its schedule fitted
+to them), so all train for the same seconds. The runs alternate techniques within each seed; every seed gives every
 technique the same data order, so the table's differences are paired by seed. Each run is a fresh process
 (time_to_loss.py).
 
@@ -29,7 +29,7 @@ from charlm.data import CharDataModule
 HERE = Path(__file__).parent
 TECHNIQUES = {  # GPT's options, and "ema": the decay of Lightning's EMAWeightAveraging
     "the recipe as it is": {},
-    "QK-norm": {"qk_norm": True},
+    "without QK-norm": {"qk_norm": False},
     "ReLU² MLP": {"mlp": "relu2"},
     "zero-init projections": {"zero_init": True},
     "logit soft-cap 15": {"logit_cap": 15.0},
@@ -120,9 +120,9 @@ def main() -> None:
     costs = step_seconds(names, shape["batch_size"], shape["block_size"])
     for name in names:
         print(f"a step of {name}: {1000 * costs[name]:.1f} ms", flush=True)
-    # every technique adds work: one measured as costing less, or under NOISE more, trains the recipe's steps
+    # a cost within NOISE of the recipe's is the recipe's: such a technique trains the recipe's steps
     ratio = {name: costs[name] / costs["the recipe as it is"] for name in names}
-    fitted = {name: steps if ratio[name] < 1 + NOISE else round(steps / ratio[name]) for name in names}
+    fitted = {name: steps if abs(ratio[name] - 1) < NOISE else round(steps / ratio[name]) for name in names}
     losses: dict[str, list[float]] = {name: [] for name in names}
     measured: dict[str, list[float]] = {name: [] for name in names}
     for i, seed in enumerate(args.seeds):

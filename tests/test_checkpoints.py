@@ -205,3 +205,22 @@ for argv in {cases!r}:
         "best",
     ]
     assert "sampling from checkpoints/gpt-cpu-plays/version_0/last.ckpt" in result.stderr  # the FIFO passed over
+
+
+def test_a_checkpoint_saved_before_the_gpts_options_is_read_as_the_gpt_it_was(corpus, tmp_path, monkeypatch, capsys):
+    """Learned positions and no QK-norm, the defaults of their day: a checkpoint without these init_args (or the
+    other options, newer still) generates what it did, and fine-tunes."""
+    monkeypatch.chdir(tmp_path)
+    options = ["--model.net.init_args.pos_emb", "learned", "--model.net.init_args.qk_norm", "false"]
+    main(["fit", *tiny(corpus, max_steps=2), *options, "--generation.max_new_tokens", "0"])
+    ckpt = torch.load("checkpoints/gpt-cpu-plays/version_0/last.ckpt", weights_only=True)
+    for name in ("pos_emb", "qk_norm", "mlp", "zero_init", "logit_cap", "value_embeds", "tie_embeddings"):
+        del net_args(ckpt)[name]
+    torch.save(ckpt, "old.ckpt")
+    capsys.readouterr()
+    texts = []
+    for path in ("checkpoints/gpt-cpu-plays/version_0/last.ckpt", "old.ckpt"):
+        main(["generate", "--ckpt_path", path, "--max_new_tokens", "40"])  # sampled, with the default seed
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and len(set(texts[1])) > 5
+    main(["fit", *tiny(corpus, max_steps=1), "--model.init_from", "old.ckpt", "--generation.max_new_tokens", "0"])

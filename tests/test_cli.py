@@ -437,7 +437,7 @@ def test_the_minute_recipe_is_the_default_model_with_its_own_schedule(capsys):
     assert (minute["data"]["block_size"], minute["data"]["batch_size"], minute["trainer"]["max_steps"]) == (
         128,
         16,
-        2700,
+        2400,
     )
 
 

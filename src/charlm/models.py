@@ -211,7 +211,8 @@ class GPT(Net):
         bias: use biases in Linear and LayerNorm layers.
         pos_emb: "rope" rotary embeddings in attention (a lower loss at the same step), or "learned" position
             embeddings added to the input (nanoGPT).
-        qk_norm: RMS-normalise each head's queries and keys (one learned gain) before attention (the speedruns).
+        qk_norm: RMS-normalise each head's queries and keys (one learned gain) before attention (the speedruns):
+            a lower val loss at the same wall time on the CPU recipes, though a step costs about 11% more.
         mlp: the MLP's activation: "gelu" (GPT-2), or "relu2", ReLU squared (the speedruns).
         zero_init: the blocks' output projections start at zero, so each block starts as the identity (the
             speedruns), instead of GPT-2's small random start.
@@ -232,7 +233,7 @@ class GPT(Net):
         dropout: float = 0.0,
         bias: bool = False,
         pos_emb: Literal["learned", "rope"] = "rope",
-        qk_norm: bool = False,
+        qk_norm: bool = True,
         mlp: Literal["gelu", "relu2"] = "gelu",
         zero_init: bool = False,
         logit_cap: float = 0.0,
