@@ -64,6 +64,8 @@ def main() -> None:
     print(f"without KV cache: {uncached:8.1f} chars/s  (rounds: {', '.join(f'{r:.1f}' for r in rates[False])})")
     print(f"with KV cache:    {cached:8.1f} chars/s  (rounds: {', '.join(f'{r:.1f}' for r in rates[True])})")
     print(f"speed-up:         {cached / uncached:8.1f}x  (medians)")
+    split = net.split_is_faster.get(torch.get_num_threads())
+    print(f"single-position products: {'row split' if split else 'plain'} (measured on the net's cached steps)")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

@@ -121,20 +121,27 @@ def test_attention_weights_are_those_of_the_forward_pass(pos_emb):
     assert torch.equal(torch.stack([block.attn.weights for block in model.h]), weights)
 
 
-def test_a_single_position_through_the_row_split_linear_equals_nn_linear_whichever_product_is_faster_here():
+def test_the_cached_steps_give_the_same_logits_with_either_product_and_the_faster_is_measured_once():
     torch.manual_seed(0)
-    layer = RowSplitLinear(32, 96, bias=True)
-    x = torch.randn(1, 1, 32)
-    expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
-    assert (layer.split(x, parts=2) - expected).abs().max().item() < 1e-6  # two blocks of rows
+    model = tiny_gpt().eval()
+    idx = torch.randint(20, (1, 12))
+    whole = model(idx)[0]
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        y = layer(x)  # measures both products, the first time this shape comes
+        model.set_kv_cache(batch_size=1)  # measures both products on the net's own cached steps
+        measured = dict(model.split_is_faster)
+        for split in (True, False):
+            model.split_is_faster[2] = split  # as if measured so
+            model.set_kv_cache(batch_size=1)
+            assert all(m.split == split for m in model.modules() if isinstance(m, RowSplitLinear))
+            steps = [model(idx[:, :5])[0], *(model(idx[:, t : t + 1], pos=t)[0] for t in range(5, 12))]
+            assert (torch.cat(steps, dim=1) - whole).abs().max().item() < 1e-5
+        model.clear_kv_cache()
     finally:
         torch.set_num_threads(threads)
-    assert (96, 32, 2) in RowSplitLinear.split_is_faster
-    assert y.shape == (1, 1, 96) and (y - expected).abs().max().item() < 1e-6
+    assert list(measured) == [2]
+    assert not any(m.split for m in model.modules() if isinstance(m, RowSplitLinear))  # training products are plain
 
 
 @pytest.mark.parametrize("options", [dict(pos_emb="learned"), dict(pos_emb="rope"), OPTIONS[-1]], ids=str)

@@ -65,33 +65,25 @@ class Bigram(Net):
 
 
 class RowSplitLinear(nn.Linear):
-    """nn.Linear, with the faster of two products for a single position on a CPU (generation with the KV cache).
+    """nn.Linear, with a second product for a single position on a CPU (generation with the KV cache).
 
     A matrix-vector product is bound by reading the weight from memory. Some BLAS libraries run it on one core (MKL
     on an AMD CPU); split into one block of rows per thread and batched (bmm), it runs on all of them. Others run it
-    well on all cores themselves (MKL on an Intel CPU), and the split only adds work. Which is faster is measured
-    once per weight shape and thread count, on the first product of that shape. The same sums, in another order.
+    well on all cores themselves (MKL on an Intel CPU), and the split only adds work. Which is faster also depends on
+    whether the weights stay in the CPU's cache from one step to the next (a small model's do, a big one's do not), so
+    the GPT measures it on its own cached steps (`GPT.set_kv_cache`) and sets `split`. The same sums, in another order.
     """
 
-    split_is_faster: dict[tuple[int, int, int], bool] = {}  # (rows, cols, threads) -> measured on this machine
+    split = False  # set by GPT.set_kv_cache: the row split is the faster for this net, on this machine
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.shape[:-1].numel() != 1:
-            return F.linear(x, self.weight, self.bias)
-        # the thread count only for a single position on a CPU: torch.compile cannot trace it (a graph break)
-        parts = torch.get_num_threads()
-        key = (*self.weight.shape, parts)
-        split = self.split_is_faster.get(key)
-        if split is None:  # not measured yet (this runs at every product: the common case costs one lookup)
-            split = (
-                key[0] % parts == 0
-                and parts > 1
-                and fastest(lambda: self.split(x, parts), lambda: F.linear(x, self.weight, self.bias))
-            )
-            self.split_is_faster[key] = split
-        return self.split(x, parts) if split else F.linear(x, self.weight, self.bias)
+        if self.split and x.device.type == "cpu" and x.shape[:-1].numel() == 1:
+            parts = torch.get_num_threads()
+            if self.weight.size(0) % parts == 0:
+                return self.split_product(x, parts)
+        return F.linear(x, self.weight, self.bias)
 
-    def split(self, x: torch.Tensor, parts: int) -> torch.Tensor:
+    def split_product(self, x: torch.Tensor, parts: int) -> torch.Tensor:
         rows, cols = self.weight.shape
         # the (cols, 1) column as a transposed row: with that layout, bmm runs its batch in parallel (measured)
         y = torch.bmm(self.weight.view(parts, rows // parts, cols), x.reshape(1, cols).T.expand(parts, -1, -1))
@@ -272,6 +264,7 @@ class GPT(Net):
             tie_embeddings=tie_embeddings,
         )
         self.block_size = block_size
+        self.split_is_faster: dict[int, bool] = {}  # thread count -> measured by set_kv_cache
         self.wte = nn.Embedding(vocab_size, n_embd)
         if pos_emb == "learned":
             self.wpe = nn.Embedding(block_size, n_embd)
@@ -351,10 +344,40 @@ class GPT(Net):
         weight = self.wte.weight
         for block in self.h:
             block.attn.kv_cache = (weight.new_zeros(shape), weight.new_zeros(shape))
+        threads = torch.get_num_threads()
+        if batch_size == 1 and weight.device.type == "cpu" and threads > 1:
+            if threads not in self.split_is_faster:
+                self.split_is_faster[threads] = self.measure_split()
+            for layer in self.modules():
+                if isinstance(layer, RowSplitLinear):
+                    layer.split = self.split_is_faster[threads]
+
+    def measure_split(self, steps: int = 8) -> bool:
+        """Whether this net's cached steps run faster with RowSplitLinear's split: a few steps each way, alternating,
+        in eval mode (no dropout draws from the generators); the cache's contents are written over by generation."""
+        layers = [m for m in self.modules() if isinstance(m, RowSplitLinear)]
+        x = torch.zeros(1, 1, dtype=torch.long, device=self.wte.weight.device)
+        was_training = self.training
+        self.eval()
+
+        def cached_steps(split: bool) -> None:
+            for layer in layers:
+                layer.split = split
+            for pos in range(min(steps, self.block_size)):
+                self(x, pos=pos)
+
+        try:
+            with torch.no_grad():
+                return fastest(lambda: cached_steps(True), lambda: cached_steps(False), repeats=3)
+        finally:
+            self.train(was_training)
 
     def clear_kv_cache(self) -> None:
         for block in self.h:
             block.attn.kv_cache = None
+        for layer in self.modules():
+            if isinstance(layer, RowSplitLinear):
+                layer.split = False
 
 
 def _check_positive(**sizes: int) -> None:
