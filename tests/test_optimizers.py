@@ -54,10 +54,11 @@ def test_charlms_muon_updates_as_torchs_does(adjust_lr_fn):
         assert ours.norm() / theirs.norm() == pytest.approx(1, abs=0.02)
 
 
+@pytest.mark.parametrize("net", [[], ["--model.net.init_args.tie_embeddings", "false"]], ids=["tied", "untied"])
 def test_muon_trains_resumes_exactly_and_a_checkpoint_of_one_optimizer_is_refused_by_the_other(
-    corpus, tmp_path, monkeypatch
+    corpus, tmp_path, monkeypatch, net
 ):
-    flags = ["fit", *tiny(corpus, max_steps=6), *MUON]
+    flags = ["fit", *tiny(corpus, max_steps=6), *MUON, *net]  # untied: the minute recipe's head
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     for cwd in (straight, stopped):
         cwd.mkdir()
@@ -81,7 +82,7 @@ def test_muon_trains_resumes_exactly_and_a_checkpoint_of_one_optimizer_is_refuse
     assert a["global_step"] == b["global_step"] == 6
     assert all(torch.equal(a["state_dict"][name], b["state_dict"][name]) for name in a["state_dict"])  # bitwise
     monkeypatch.chdir(tmp_path)
-    main(["fit", *tiny(corpus, max_steps=2), *ADAMW])
+    main(["fit", *tiny(corpus, max_steps=2), *ADAMW, *net])
     with pytest.raises(SystemExit) as exit_info:
         main([*flags, "--ckpt_path", "last"])  # Muon, from an AdamW checkpoint
     assert "was trained with --model.optimizer adamw, this run's is muon" in str(exit_info.value.code)
