@@ -3,10 +3,11 @@
 Both share one interface, `forward(idx, targets=None) -> (logits, loss)`; `charlm.sampling` generates from either.
 Notable features of the GPT, following nanoGPT:
 - pre-LayerNorm residual blocks, causal attention through `F.scaled_dot_product_attention` (flash kernels on a GPU);
-- the LM head shares its weight with the token embedding (fewer parameters, better small-data loss);
+- the LM head shares its weight with the token embedding (fewer parameters, better loss on short runs; optional);
 - residual projections start smaller by 1/sqrt(2 * n_layer), per GPT-2, so the residual stream does not grow with depth;
 - positions are learned embeddings (nanoGPT) or rotary embeddings (RoPE, `pos_emb="rope"`) that rotate queries and
   keys by their position, so attention scores depend on relative distance;
+- QK-norm (on by default) and the other options of the 2026 speedruns, each a constructor argument;
 - an opt-in key/value cache for generation (`set_kv_cache` / `clear_kv_cache`);
 - `attention(idx)`: the attention weights of every layer and head, from the model's own forward pass.
 Nothing here knows about Lightning, files or the command line.
@@ -122,7 +123,13 @@ class CausalSelfAttention(nn.Module):
         self.keep_weights = False  # set by GPT.attention: compute the weights explicitly and keep them
         self.weights: torch.Tensor | None = None  # (B, nh, T, S) from the last forward with keep_weights
 
-    def forward(self, x: torch.Tensor, pos: int = 0, rope=None, ve: torch.Tensor | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        pos: int = 0,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        ve: torch.Tensor | None = None,
+    ):
         B, T, C = x.size()
         nh = self.n_head
         qkv = self.c_attn(x).view(B, T, 3 * nh, C // nh).transpose(1, 2)  # (B, 3 nh, T, hs): q, k, v heads
@@ -183,7 +190,13 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, dropout, bias, mlp)
 
-    def forward(self, x: torch.Tensor, pos: int = 0, rope=None, ve: torch.Tensor | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        pos: int = 0,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        ve: torch.Tensor | None = None,
+    ):
         x = x + self.attn(self.ln_1(x), pos, rope, ve)
         return x + self.mlp(self.ln_2(x))
 
