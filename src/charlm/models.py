@@ -361,21 +361,23 @@ class GPT(Net):
         if batch_size == 1 and weight.device.type == "cpu" and threads > 1:
             if threads not in self.split_is_faster:
                 self.split_is_faster[threads] = self.measure_split()
-            for layer in self.modules():
-                if isinstance(layer, RowSplitLinear):
-                    layer.split = self.split_is_faster[threads]
+            self.use_split(self.split_is_faster[threads])
+
+    def use_split(self, split: bool) -> None:
+        """Whether every RowSplitLinear of the net runs single positions through the row split."""
+        for layer in self.modules():
+            if isinstance(layer, RowSplitLinear):
+                layer.split = split
 
     def measure_split(self, steps: int = 8) -> bool:
         """Whether this net's cached steps run faster with RowSplitLinear's split: a few steps each way, alternating,
         in eval mode (no dropout draws from the generators); the cache's contents are written over by generation."""
-        layers = [m for m in self.modules() if isinstance(m, RowSplitLinear)]
         x = torch.zeros(1, 1, dtype=torch.long, device=self.wte.weight.device)
         was_training = self.training
         self.eval()
 
         def cached_steps(split: bool) -> None:
-            for layer in layers:
-                layer.split = split
+            self.use_split(split)
             for pos in range(min(steps, self.block_size)):
                 self(x, pos=pos)
 
@@ -388,9 +390,7 @@ class GPT(Net):
     def clear_kv_cache(self) -> None:
         for block in self.h:
             block.attn.kv_cache = None
-        for layer in self.modules():
-            if isinstance(layer, RowSplitLinear):
-                layer.split = False
+        self.use_split(False)
 
 
 def _check_positive(**sizes: int) -> None:
